@@ -1,0 +1,382 @@
+"""The corpus on disk: sharded uint8 patch arrays plus a SQLite provenance index.
+
+See ``docs/corpus_format.md``. :class:`CorpusIndex` is the writer side (used by the pipeline in
+the main process only); :class:`Corpus` is the fast reader (memory-mapped shards, no per-patch
+file opens) used by data loaders; :class:`TiffFolderCorpus` reads a CEM500K-style folder of
+8-bit TIFFs with the same API, and :func:`export_tiff_folder` writes one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+FORMAT_NAME = "cemnet-corpus"
+FORMAT_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, path TEXT NOT NULL, dataset TEXT, reader TEXT,
+    shape_zyx TEXT, dtype TEXT, voxel_size_zyx TEXT, voxel_size_from TEXT, axes TEXT,
+    uint8_rule TEXT, status TEXT NOT NULL DEFAULT 'pending', error TEXT,
+    n_patches INTEGER DEFAULT 0, seconds REAL DEFAULT 0, notes TEXT
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    source TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, n_patches INTEGER,
+    seconds REAL, PRIMARY KEY (source, key)
+);
+CREATE TABLE IF NOT EXISTS patches (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, shard TEXT NOT NULL, offset INTEGER NOT NULL,
+    axis TEXT NOT NULL, slice INTEGER NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL,
+    h INTEGER NOT NULL, w INTEGER NOT NULL, hash INTEGER NOT NULL,
+    group_id INTEGER, status TEXT NOT NULL DEFAULT 'new', reason TEXT DEFAULT '', score REAL,
+    filter_sig TEXT, filter_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS patches_source ON patches(source);
+CREATE TABLE IF NOT EXISTS skipped (path TEXT NOT NULL, problem TEXT NOT NULL, at REAL);
+CREATE TABLE IF NOT EXISTS stages (name TEXT PRIMARY KEY, seconds REAL, info TEXT);
+"""
+
+PATCH_COLUMNS = ("source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash")
+
+
+def hash_to_db(hashes: np.ndarray) -> np.ndarray:
+    """uint64 -> int64 bit pattern (SQLite integers are signed 64-bit)."""
+    return np.asarray(hashes, dtype=np.uint64).view(np.int64)
+
+
+def hash_from_db(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).view(np.uint64)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` via a temporary file + rename, so a crash never leaves half a shard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class CorpusIndex:
+    """Writer-side handle on ``CORPUS/index.sqlite`` and ``corpus.json``."""
+
+    def __init__(self, root: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta_path = self.root / "corpus.json"
+        if meta_path.exists():
+            self.meta = json.loads(meta_path.read_text())
+            if self.meta.get("format") != FORMAT_NAME:
+                raise ValueError(f"{meta_path}: not a cemnet corpus")
+            old = self.meta.get("settings", {})
+            if settings is not None:
+                # Patches already written were cut with the old geometry: refuse to mix.
+                for key in ("patch_size",):
+                    if key in old and old[key] != settings.get(key):
+                        raise ValueError(
+                            f"{self.root}: corpus was built with {key}={old[key]}, "
+                            f"cannot add patches with {key}={settings.get(key)}"
+                        )
+                self.meta["settings"] = {**old, **settings}
+        else:
+            if settings is None:
+                raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
+            self.meta = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "settings": settings,
+            }
+        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+        self.db.executescript(_SCHEMA)
+        self.save_meta()
+
+    def save_meta(self) -> None:
+        self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        tmp = self.root / "corpus.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / "corpus.json")
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.meta["settings"]["patch_size"])
+
+    # -- sources and tasks -------------------------------------------------------------------
+    def upsert_source(self, name: str, **fields: Any) -> None:
+        fields = {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in fields.items()}
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in fields)
+        with self.db:
+            self.db.execute(
+                f"INSERT INTO sources (name, {cols}) VALUES (?, {marks}) "
+                f"ON CONFLICT(name) DO UPDATE SET {updates}",
+                (name, *fields.values()),
+            )
+
+    def source(self, name: str) -> dict[str, Any] | None:
+        cur = self.db.execute("SELECT * FROM sources WHERE name=?", (name,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row))
+
+    def sources(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM sources ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def done_tasks(self, source: str) -> set[str]:
+        rows = self.db.execute("SELECT key FROM tasks WHERE source=? AND status='done'", (source,))
+        return {r[0] for r in rows}
+
+    def commit_task(self, source: str, key: str, shard: str, rows: Sequence[tuple], seconds: float) -> None:
+        """Record a finished work unit and its patches in one transaction (all or nothing).
+
+        Rows of an earlier, interrupted attempt at the same shard are replaced, never doubled.
+        """
+        with self.db:
+            self.db.execute("DELETE FROM patches WHERE shard=?", (shard,))
+            self.db.executemany(
+                f"INSERT INTO patches ({', '.join(PATCH_COLUMNS)}) VALUES ({', '.join('?' * len(PATCH_COLUMNS))})",
+                rows,
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO tasks VALUES (?, ?, 'done', ?, ?)", (source, key, len(rows), seconds)
+            )
+
+    def add_skipped(self, path: str, problem: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
+            self.db.execute("INSERT INTO skipped VALUES (?, ?, ?)", (path, problem, time.time()))
+
+    def clear_skipped(self, path: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return [tuple(r) for r in self.db.execute("SELECT path, problem FROM skipped ORDER BY at")]
+
+    def record_stage(self, name: str, seconds: float, info: dict[str, Any] | None = None) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?)", (name, seconds, json.dumps(info or {})))
+
+    def stages(self) -> dict[str, tuple[float, dict]]:
+        return {r[0]: (r[1], json.loads(r[2])) for r in self.db.execute("SELECT * FROM stages")}
+
+    # -- patch-level decisions ---------------------------------------------------------------
+    def patch_table(self, columns: Iterable[str], where: str = "", params: tuple = ()) -> dict[str, np.ndarray]:
+        cols = list(columns)
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM patches {where} ORDER BY id", params).fetchall()
+        if not rows:
+            return {c: np.array([]) for c in cols}
+        return {c: np.array(v) for c, v in zip(cols, zip(*rows))}
+
+    def set_decisions(self, ids: np.ndarray, column_values: dict[str, np.ndarray]) -> None:
+        cols = list(column_values)
+        sets = ", ".join(f"{c}=?" for c in cols)
+        values = [column_values[c] for c in cols]
+        data = [tuple(_py(v[i]) for v in values) + (int(ids[i]),) for i in range(len(ids))]
+        with self.db:
+            self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?", data)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class Corpus:
+    """Fast read access to the patches of a cemnet corpus.
+
+    ``Corpus(root)`` holds the kept patches (``status="kept"``); ``status=None`` gives all
+    patches ever extracted, or pass ``"duplicate"`` / ``"filtered"``. Shards are memory-mapped
+    lazily, per process, so the object pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(self, root: str | os.PathLike, status: str | None = "kept") -> None:
+        self.root = Path(root)
+        meta_path = self.root / "corpus.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
+        self.meta = json.loads(meta_path.read_text())
+        self.patch_size = int(self.meta["settings"]["patch_size"])
+        db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            where, params = ("WHERE status=?", (status,)) if status else ("", ())
+            rows = db.execute(
+                f"SELECT id, source, shard, offset, axis, slice, y, x, h, w, hash FROM patches {where} ORDER BY id",
+                params,
+            ).fetchall()
+            self._source_rows = db.execute("SELECT name, reader FROM sources ORDER BY id").fetchall()
+        finally:
+            db.close()
+        cols = list(zip(*rows)) if rows else [()] * 11
+        self.ids = np.array(cols[0], dtype=np.int64)
+        source_names = np.array(cols[1], dtype=object)
+        shard_names = np.array(cols[2], dtype=object)
+        self.shards: list[str] = sorted(set(shard_names.tolist()))
+        shard_pos = {s: i for i, s in enumerate(self.shards)}
+        self.shard_index = np.array([shard_pos[s] for s in shard_names], dtype=np.int32)
+        self.offsets = np.array(cols[3], dtype=np.int64)
+        self.axes = np.array(cols[4], dtype=object)
+        self.slices, self.ys, self.xs = (np.array(c, dtype=np.int64) for c in cols[5:8])
+        self.sizes = np.stack([np.array(cols[8], dtype=np.int32), np.array(cols[9], dtype=np.int32)], 1) \
+            if rows else np.zeros((0, 2), dtype=np.int32)
+        self.hashes = hash_from_db(np.array(cols[10], dtype=np.int64))
+        self.sources: list[str] = sorted(set(source_names.tolist()))
+        source_pos = {s: i for i, s in enumerate(self.sources)}
+        self.source_index = np.array([source_pos[s] for s in source_names], dtype=np.int32)
+        stats = self.meta.get("stats", {})
+        self.mean = float(stats.get("mean", 0.5))
+        self.std = float(stats.get("std", 0.25))
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # memmaps reopen in the worker process
+        return state
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies exactly which patches this corpus serves (for run metadata)."""
+        digest = hashlib.sha256(self.ids.tobytes())
+        digest.update(self.hashes.tobytes())
+        return digest.hexdigest()[:16]
+
+    def source_specs(self) -> dict[str, dict[str, Any]]:
+        """Reader options per source, for ``curation.readers.SourceSpec.from_json`` (3D sampling)."""
+        return {name: json.loads(reader) for name, reader in self._source_rows if reader}
+
+    def _shard(self, i: int) -> np.ndarray:
+        arr = self._maps.get(i)
+        if arr is None:
+            arr = np.load(self.root / self.shards[i], mmap_mode="r")
+            self._maps[i] = arr
+        return arr
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Patch ``i`` as uint8 (h, w), cropped to its true size."""
+        h, w = self.sizes[i]
+        return np.asarray(self._shard(int(self.shard_index[i]))[self.offsets[i], :h, :w])
+
+    def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, P, P) zero-padded patches and their true sizes (n, 2), read shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.patch_size, self.patch_size), dtype=np.uint8)
+        shard_ids = self.shard_index[indices]
+        for s in np.unique(shard_ids):
+            pick = np.nonzero(shard_ids == s)[0]
+            rows = self.offsets[indices[pick]]
+            order = np.argsort(rows)  # sorted reads are sequential on disk
+            out[pick[order]] = self._shard(int(s))[rows[order]]
+        return out, self.sizes[indices]
+
+    def name_of(self, i: int) -> str:
+        """CEM500K-style file stem: ``<source>-LOC-<axis>_<slice>_<y>_<x>``."""
+        return f"{self.sources[self.source_index[i]]}-LOC-{self.axes[i]}_{self.slices[i]:04d}_{self.ys[i]}_{self.xs[i]}"
+
+
+class TiffFolderCorpus:
+    """A CEM500K-style folder of 8-bit 2D TIFF patches with the :class:`Corpus` reading API.
+
+    The source of a patch is its file name before ``-LOC-`` (CEM500K's convention), or its
+    parent folder's name. Patches larger than ``patch_size`` are centre-cropped when padded.
+    """
+
+    def __init__(self, root: str | os.PathLike, patch_size: int = 224) -> None:
+        import tifffile
+
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in (".tif", ".tiff"))
+        if not self.files:
+            raise FileNotFoundError(f"{self.root}: no .tif/.tiff patches found")
+        self.patch_size = patch_size
+        names = [p.name.split("-LOC-")[0] if "-LOC-" in p.name else p.parent.name for p in self.files]
+        self.sources = sorted(set(names))
+        pos = {s: i for i, s in enumerate(self.sources)}
+        self.source_index = np.array([pos[s] for s in names], dtype=np.int32)
+        self._tifffile = tifffile
+        stats_path = self.root / "corpus_stats.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        self.mean = float(stats.get("mean", 0.5))
+        self.std = float(stats.get("std", 0.25))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_tifffile")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import tifffile
+
+        self.__dict__.update(state)
+        self._tifffile = tifffile
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(p.name for p in self.files).encode()).hexdigest()[:16]
+
+    def source_specs(self) -> dict[str, dict[str, Any]]:
+        return {}  # a folder of patches has no source volumes to reopen
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image = self._tifffile.imread(self.files[i])
+        if image.ndim == 3:
+            image = image[..., 0]  # CEM500K keeps the first channel of RGB patches
+        if image.dtype != np.uint8:
+            raise ValueError(f"{self.files[i]}: expected an 8-bit patch, got {image.dtype}")
+        return image
+
+    def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.patch_size
+        out = np.zeros((len(indices), p, p), dtype=np.uint8)
+        sizes = np.zeros((len(indices), 2), dtype=np.int32)
+        for j, i in enumerate(indices):
+            image = self[int(i)][:p, :p]
+            out[j, : image.shape[0], : image.shape[1]] = image
+            sizes[j] = image.shape
+        return out, sizes
+
+
+def open_corpus(path: str | os.PathLike, **kwargs: Any) -> Corpus | TiffFolderCorpus:
+    """Open a cemnet corpus folder, or a CEM500K-style folder of TIFF patches."""
+    path = Path(path)
+    if (path / "corpus.json").is_file():
+        return Corpus(path, **kwargs)
+    if path.is_dir():
+        return TiffFolderCorpus(path, **kwargs)
+    raise FileNotFoundError(f"{path}: neither a cemnet corpus nor a folder of TIFF patches")
+
+
+def export_tiff_folder(corpus: Corpus, out: str | os.PathLike, progress: bool = True) -> int:
+    """Write every patch of ``corpus`` as ``<source>-LOC-<axis>_<slice>_<y>_<x>.tiff`` (CEM500K names).
+
+    Truncated edge patches are written at their true size, as CEM500K stores them. Also writes
+    ``corpus_stats.json`` (mean/std) so :class:`TiffFolderCorpus` normalises identically.
+    """
+    import tifffile
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(corpus)), desc="export tiff", unit="patch", disable=not progress):
+        tifffile.imwrite(out / f"{corpus.name_of(i)}.tiff", corpus[i])
+    (out / "corpus_stats.json").write_text(json.dumps({"mean": corpus.mean, "std": corpus.std}))
+    return len(corpus)
