@@ -1,0 +1,523 @@
+"""`cemnet curate`: sources -> uint8 planes -> patches + hashes -> dedup -> filter -> corpus.
+
+Work is split into small units that run in parallel (a process pool by default, a Dask cluster
+when given a scheduler address) and are committed to the corpus index one by one, so Ctrl-C or
+a crash loses only the units in flight, and re-running the same command resumes:
+
+1. *inspect* a source (one per file / stacked folder): open it, read its metadata, fit the
+   uint8 mapping on a sample, plan the planes. A 2D image is patched in the same unit.
+2. *xy* units cut z-ranges of a volume; when the volume also gets xz/yz planes they write the
+   uint8 data into a staging memmap (``CORPUS/work/<source>.u8.npy``) as they go, so that
+   3. *plane* units (xz, yz) cut y- or x-ranges from the staged uint8 volume instead of
+   re-decoding the source (slice folders and compressed TIFFs cannot be read sideways cheaply).
+   Memory per unit stays bounded (``memory_mb``), so volumes larger than RAM are fine.
+4. *dedup* per dataset (or globally) and 5. *filter* the exemplars, in the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from curation.convert import Uint8Converter, sample_volume
+from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db
+from curation.dedup import greedy_groups
+from curation.hashing import dhash_batch
+from curation.patching import AXIS_DIM, extract_patches, grid_starts, plan_planes, slice_indices
+
+
+@dataclass
+class CurateSettings:
+    """Everything that decides which patches a corpus holds (stored in ``corpus.json``)."""
+
+    patch_size: int = 224
+    max_anisotropy: float = 0.25
+    axes: str = "auto"
+    slice_stride: int = 1
+    uint8_rule: str = "auto"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    dedup_distance: int = 12
+    dedup_scope: str = "dataset"  # "dataset" (CEM500K), "global", or "none"
+    seed: int = 0
+    filter: str = "stats"
+    memory_mb: int = 256
+    patches_per_unit: int = 1024
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["percentiles"] = list(self.percentiles)
+        return d
+
+
+# ----------------------------------------------------------------------------- work units
+@dataclass
+class Unit:
+    """One piece of extraction work; runs in a worker process (picklable, no open handles)."""
+
+    source: str
+    key: str
+    kind: str  # "xy", "stage" (xy re-staging without patches), "xz", "yz"
+    spec: dict[str, Any]
+    converter: Uint8Converter
+    start: int
+    stop: int
+    shape: tuple[int, int, int]
+    root: str
+    settings: dict[str, Any]
+    staging: str | None = None
+
+    @property
+    def shard(self) -> str:
+        return f"shards/{self.source}/{self.key}.npy"
+
+
+@dataclass
+class UnitResult:
+    source: str
+    key: str
+    shard: str
+    rows: list[tuple] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str) -> UnitResult:
+    """Patch and hash a list of (slice index, uint8 plane); save the shard; return index rows."""
+    t0 = time.perf_counter()
+    p = unit.settings["patch_size"]
+    all_patches, rows = [], []
+    for index, plane in planes:
+        patches, boxes = extract_patches(plane, p)
+        all_patches.append(patches)
+        rows.extend((axis, index, *map(int, b)) for b in boxes)
+    patches = np.concatenate(all_patches) if all_patches else np.zeros((0, p, p), np.uint8)
+    hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
+    atomic_save_npy(Path(unit.root) / unit.shard, patches)
+    out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
+    return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0)
+
+
+def run_unit(unit: Unit) -> UnitResult:
+    """Execute one unit (in a worker). Raises on bad data; the caller records the failure."""
+    from curation.readers import SourceSpec, open_volume
+
+    t0 = time.perf_counter()
+    stride = unit.settings["slice_stride"]
+    if unit.kind in ("xy", "stage"):
+        with open_volume(SourceSpec.from_json(unit.spec)) as volume:
+            wanted = [z for z in slice_indices(unit.shape[0], stride) if unit.start <= z < unit.stop]
+            if unit.staging:
+                block = unit.converter(volume.read(slice(unit.start, unit.stop)))
+                staged = np.load(unit.staging, mmap_mode="r+")
+                staged[unit.start : unit.stop] = block
+                staged.flush()
+                del staged
+                planes = [(z, block[z - unit.start]) for z in wanted]
+            else:
+                planes = [(z, unit.converter(volume.read(slice(z, z + 1)))[0]) for z in wanted]
+        if unit.kind == "stage":
+            return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0)
+        result = _cut(unit, planes, "xy")
+    else:
+        staged = np.load(unit.staging, mmap_mode="r")
+        dim = AXIS_DIM[unit.kind]
+        wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
+        take = (lambda i: staged[:, i, :]) if unit.kind == "xz" else (lambda i: staged[:, :, i])
+        result = _cut(unit, [(i, np.ascontiguousarray(take(i))) for i in wanted], unit.kind)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@dataclass
+class Inspection:
+    """What the main process needs to plan a source's units."""
+
+    source: str
+    info: dict[str, Any]
+    converter: Uint8Converter
+    planes: list[str]
+    result: UnitResult | None = None  # a 2D image is patched during inspection
+    notes: list[str] = field(default_factory=list)
+
+
+def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: dict[str, Any]) -> Inspection:
+    """Open a source, fit its uint8 mapping and plan its planes (in a worker)."""
+    from curation.readers import SourceSpec, describe, open_volume
+
+    t0 = time.perf_counter()
+    p = settings["patch_size"]
+    with open_volume(SourceSpec.from_json(spec_json)) as volume:
+        info = describe(volume)
+        nz, ny, nx = volume.shape
+        half = math.ceil(p / 2)
+        if min(ny, nx) < half and (not volume.is_volume or min(nz, ny, nx) < half):
+            raise ValueError(
+                f"image is {ny}x{nx} pixels, smaller than half a patch ({half} px): no patch can be cut"
+            )
+        notes = []
+        if volume.is_volume and volume.voxel_size is None:
+            notes.append("no voxel size in the file: assumed isotropic (CEM500K's default spacing 1,1,1)")
+        if volume.is_volume or nz > 1:
+            sample = sample_volume(volume)
+        else:
+            image = volume.read()
+            sample = image
+        converter = Uint8Converter.fit(sample, volume.dtype, settings["uint8_rule"], tuple(settings["percentiles"]))
+        if converter.stats.get("nonfinite_fraction", 0) > 0:
+            notes.append(f"{converter.stats['nonfinite_fraction']:.2%} non-finite values (NaN/inf) written as 0")
+        planes = plan_planes(
+            volume.shape, volume.voxel_size, is_volume=volume.is_volume, patch_size=p,
+            max_anisotropy=settings["max_anisotropy"], axes=settings["axes"],
+        )
+        inspection = Inspection(source, info, converter, planes, notes=notes)
+        if not volume.is_volume and nz == 1:
+            unit = Unit(source, "xy-00000", "xy", spec_json, converter, 0, 1, volume.shape, root, settings)
+            inspection.result = _cut(unit, [(0, converter(image)[0])], "xy")
+            inspection.result.seconds = time.perf_counter() - t0
+    return inspection
+
+
+def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: dict[str, Any]) -> dict[str, list[Unit]]:
+    """Split a volume into bounded units per plane: {"xy": [...], "xz": [...], "yz": [...]}."""
+    nz, ny, nx = insp.info["shape"]
+    p, budget = settings["patch_size"], settings["memory_mb"] * 2**20
+    staging = str(Path(root) / "work" / f"{source}.u8.npy") if set(insp.planes) - {"xy"} else None
+    itemsize = max(np.dtype(insp.info["dtype"]).itemsize, 4)  # float32 during conversion
+    plane_dims = {"xy": ((ny, nx), nz), "xz": ((nz, nx), ny), "yz": ((nz, ny), nx)}
+    units: dict[str, list[Unit]] = {}
+    for axis in insp.planes:
+        (h, w), depth = plane_dims[axis]
+        per_plane = max(1, len(grid_starts(h, p)) * len(grid_starts(w, p)))
+        step = max(1, min(settings["patches_per_unit"] // per_plane * settings["slice_stride"],
+                          budget // max(1, h * w * itemsize)))
+        units[axis] = [
+            Unit(source, f"{axis}-{start:05d}", axis, spec, insp.converter, start, min(start + step, depth),
+                 (nz, ny, nx), root, settings, staging)
+            for start in range(0, depth, step)
+        ]
+    return units
+
+
+# ----------------------------------------------------------------------------- executors
+class _SerialFuture:
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value, self._error = fn(*args), None
+        except BaseException as err:  # noqa: BLE001 - re-raised by result()
+            self._value, self._error = None, err
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def done(self) -> bool:
+        return True
+
+
+class Executor:
+    """A process pool, a Dask cluster, or in-process execution, behind submit / wait_any."""
+
+    def __init__(self, workers: int = 2, scheduler: str | None = None) -> None:
+        self.kind = "dask" if scheduler else ("serial" if workers <= 1 else "processes")
+        if scheduler:
+            from distributed import Client
+
+            self._client = Client(scheduler)
+        elif workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        if self.kind == "dask":
+            return self._client.submit(fn, *args, pure=False)
+        if self.kind == "processes":
+            return self._pool.submit(fn, *args)
+        return _SerialFuture(fn, args)
+
+    def wait_any(self, futures: Sequence[Any]) -> list[Any]:
+        if self.kind == "dask":
+            from distributed import wait
+
+            done, _ = wait(list(futures), return_when="FIRST_COMPLETED")
+            return list(done)
+        if self.kind == "processes":
+            done, _ = futures_wait(list(futures), return_when=FIRST_COMPLETED)
+            return list(done)
+        return list(futures)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        if self.kind == "dask":
+            self._client.close()
+        elif self.kind == "processes":
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+# ----------------------------------------------------------------------------- the job
+def _unique_name(index: CorpusIndex, wanted: str, path: str) -> str:
+    name, k = wanted, 1
+    while True:
+        row = index.source(name)
+        if row is None or row["path"] == path:
+            return name
+        k += 1
+        name = f"{wanted}-{k}"
+
+
+def _problem(err: BaseException) -> str:
+    text = str(err)
+    return text if text else type(err).__name__
+
+
+def extract(
+    index: CorpusIndex, specs: Sequence[Any], settings: CurateSettings, executor: Executor, progress: bool = True
+) -> None:
+    """Run stages 1-3 for every source not finished yet; commit unit by unit."""
+    root, cfg = str(index.root), settings.to_json()
+    pending: dict[Any, tuple[str, Any]] = {}  # future -> (what, payload)
+    names: dict[str, Any] = {}
+    for spec in specs:
+        spec_json = spec.to_json()
+        name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
+        spec_json["name"] = name
+        row = index.source(name)
+        if row is not None and row["status"] == "done":
+            continue  # finished in an earlier run
+        index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
+                            reader=spec_json, status="running", error=None)
+        names[name] = spec_json
+        pending[executor.submit(inspect_source, name, spec_json, root, cfg)] = ("inspect", name)
+
+    bar = tqdm(total=0, desc="extract", unit="unit", disable=not progress, dynamic_ncols=True)
+    bar.total = len(pending)
+    waiting_planes: dict[str, tuple[list[Unit], set[str]]] = {}  # source -> (plane units, open xy keys)
+    failed: set[str] = set()
+    t_source: dict[str, float] = {n: time.perf_counter() for n in names}
+    n_patches = 0
+
+    def submit(units: list[Unit]) -> None:
+        for u in units:
+            pending[executor.submit(run_unit, u)] = ("unit", u)
+        bar.total += len(units)
+        bar.refresh()
+
+    def finish_source(name: str) -> None:
+        count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
+        index.upsert_source(name, status="done", n_patches=count, seconds=time.perf_counter() - t_source[name])
+        staging = index.root / "work" / f"{name}.u8.npy"
+        if staging.exists():
+            staging.unlink()
+        index.clear_skipped(names[name]["path"])
+
+    def fail_source(name: str, path: str, err: BaseException) -> None:
+        failed.add(name)
+        problem = _problem(err)
+        index.upsert_source(name, status="failed", error=problem)
+        index.add_skipped(path, problem)
+        tqdm.write(f"skipped {path}: {problem}", file=sys.stderr)
+
+    def maybe_release_planes(name: str) -> None:
+        plane_units, open_xy = waiting_planes.get(name, ([], set()))
+        if name in waiting_planes and not open_xy:
+            del waiting_planes[name]
+            submit(plane_units)
+        if name not in waiting_planes and not any(
+            (w == "unit" and p.source == name) or (w == "inspect" and p == name) for w, p in pending.values()
+        ) and name not in failed:
+            finish_source(name)
+
+    try:
+        while pending:
+            for fut in executor.wait_any(list(pending)):
+                what, payload = pending.pop(fut)
+                bar.update(1)
+                name = payload if what == "inspect" else payload.source
+                if name in failed:
+                    continue
+                try:
+                    result = fut.result()
+                except Exception as err:  # noqa: BLE001 - one bad source must not stop the run
+                    fail_source(name, names[name]["path"], err)
+                    continue
+                if what == "inspect":
+                    insp: Inspection = result
+                    index.upsert_source(
+                        name, shape_zyx=list(insp.info["shape"]), dtype=str(insp.info["dtype"]),
+                        voxel_size_zyx=insp.info.get("voxel_size"),
+                        voxel_size_from=insp.info.get("voxel_size_from"),
+                        axes=insp.planes, uint8_rule=insp.converter.describe(), notes=insp.notes,
+                    )
+                    if insp.result is not None:
+                        index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows, insp.result.seconds)
+                        n_patches += len(insp.result.rows)
+                    else:
+                        done = index.done_tasks(name)
+                        units = plan_units(name, names[name], insp, root, cfg)
+                        xy = units.pop("xy", [])
+                        planes = [u for us in units.values() for u in us if u.key not in done]
+                        todo_xy = [u for u in xy if u.key not in done]
+                        if planes:
+                            staging = Path(root) / "work" / f"{name}.u8.npy"
+                            if not staging.exists():
+                                staging.parent.mkdir(parents=True, exist_ok=True)
+                                np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8,
+                                                          shape=tuple(insp.info["shape"])).flush()
+                                # staged data of units finished in an earlier run is gone: re-stage
+                                for u in xy:
+                                    if u.key in done:
+                                        u.kind, u.key = "stage", "stage-" + u.key
+                                        todo_xy.append(u)
+                            waiting_planes[name] = (planes, {u.key for u in todo_xy})
+                        else:
+                            for u in todo_xy:
+                                u.staging = None
+                        submit(todo_xy)
+                else:
+                    unit: Unit = payload
+                    if unit.kind != "stage":
+                        index.commit_task(name, result.key, result.shard, result.rows, result.seconds)
+                        n_patches += len(result.rows)
+                    if name in waiting_planes:
+                        waiting_planes[name][1].discard(unit.key)
+                bar.set_postfix(patches=n_patches)
+                maybe_release_planes(name)
+    except KeyboardInterrupt:
+        bar.close()
+        executor.shutdown(cancel=True)
+        print("\ninterrupted: finished units are saved; run the same command again to resume", file=sys.stderr)
+        raise
+    bar.close()
+
+
+def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = True) -> dict[str, int]:
+    """Stage 4: near-duplicate groups per dataset (CEM500K) or across all sources."""
+    t0 = time.perf_counter()
+    table = index.patch_table(["id", "source", "hash"])
+    if len(table["id"]) == 0:
+        return {}
+    datasets = {r["name"]: (r["dataset"] or r["name"]) for r in index.sources()}
+    keys = np.array([datasets.get(s, s) for s in table["source"]], dtype=object)
+    if settings.dedup_scope == "global":
+        keys[:] = "*"
+    ids, hashes = table["id"].astype(np.int64), hash_from_db(table["hash"])
+    group_id = ids.copy()
+    bar = tqdm(total=len(ids), desc="dedup", unit="patch", disable=not progress)
+    if settings.dedup_scope != "none":
+        for key in sorted(set(keys.tolist())):
+            sel = np.nonzero(keys == key)[0]
+            groups = greedy_groups(hashes[sel], settings.dedup_distance, settings.seed, progress=bar)
+            group_id[sel] = ids[sel][groups]
+    bar.close()
+    duplicate = group_id != ids
+    index.set_decisions(ids, {"group_id": group_id})
+    index.record_stage("dedup", time.perf_counter() - t0, {"scope": settings.dedup_scope, "patches": int(len(ids))})
+    return {"patches": int(len(ids)), "exemplars": int((~duplicate).sum())}
+
+
+def apply_filter(index: CorpusIndex, settings: CurateSettings, batch: int = 512, progress: bool = True) -> None:
+    """Stage 5: run the patch filter on exemplars (removed patches keep their reason and score)."""
+    from curation.corpus import Corpus
+    from curation.filters import build_filter
+
+    t0 = time.perf_counter()
+    patch_filter = build_filter(settings.filter)
+    signature = json.dumps(patch_filter.describe(), sort_keys=True) if patch_filter else "none"
+    corpus = Corpus(index.root, status=None)
+    table = index.patch_table(["id", "filter_sig"], "WHERE group_id = id")
+    todo_ids = table["id"][table["filter_sig"] != signature] if len(table["id"]) else np.array([], np.int64)
+    todo = np.searchsorted(corpus.ids, todo_ids.astype(np.int64))
+    bar = tqdm(total=len(todo), desc="filter", unit="patch", disable=not progress)
+    for start in range(0, len(todo), batch):
+        pick = todo[start : start + batch]
+        if patch_filter is None:
+            keep, reason, score = np.ones(len(pick), bool), np.full(len(pick), "", object), np.full(len(pick), np.nan)
+        else:
+            patches, sizes = corpus.get_padded(pick)
+            res = patch_filter(patches, sizes)
+            keep, reason, score = res.keep, res.reason, res.score
+        index.set_decisions(corpus.ids[pick], {
+            "filter_sig": np.full(len(pick), signature, dtype=object),
+            "score": np.asarray(score, dtype=float),
+            "filter_reason": np.where(keep, "", reason).astype(object),
+        })
+        bar.update(len(pick))
+    bar.close()
+    with index.db:  # final verdict of every patch from its group and its filter result
+        index.db.execute(
+            "UPDATE patches SET "
+            "status = CASE WHEN group_id != id THEN 'duplicate' WHEN filter_reason = '' THEN 'kept' ELSE 'filtered' END, "
+            "reason = CASE WHEN group_id != id THEN 'near-duplicate of #' || group_id ELSE filter_reason END"
+        )
+    index.meta["filter"] = patch_filter.describe() if patch_filter else {"name": "none"}
+    index.record_stage("filter", time.perf_counter() - t0, {"evaluated": int(len(todo))})
+
+
+def corpus_stats(root: Path, max_patches: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Mean and std (in [0, 1] units) of the kept patches' true pixels, from a sample."""
+    from curation.corpus import Corpus
+
+    corpus = Corpus(root)
+    if len(corpus) == 0:
+        return {"mean": 0.5, "std": 0.25, "n_sampled": 0}
+    pick = np.random.default_rng(seed).permutation(len(corpus))[:max_patches]
+    total = total_sq = count = 0.0
+    for start in range(0, len(pick), 1024):
+        patches, sizes = corpus.get_padded(np.sort(pick[start : start + 1024]))
+        for patch, (h, w) in zip(patches, sizes):
+            region = patch[:h, :w].astype(np.float64) / 255.0
+            total += region.sum()
+            total_sq += np.square(region).sum()
+            count += region.size
+    mean = total / count
+    return {"mean": float(mean), "std": float(math.sqrt(max(total_sq / count - mean**2, 0.0))), "n_sampled": int(len(pick))}
+
+
+def curate(
+    specs: Sequence[Any],
+    out: str | os.PathLike,
+    settings: CurateSettings | None = None,
+    *,
+    workers: int = 2,
+    scheduler: str | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
+    progress: bool = True,
+    report: bool = True,
+) -> Path:
+    """Build or extend the corpus at ``out`` from ``specs`` (``curation.readers.SourceSpec``).
+
+    Returns the corpus folder. Sources finished in an earlier run are skipped; units finished
+    before an interruption are kept.
+    """
+    settings = settings or CurateSettings()
+    index = CorpusIndex(out, settings.to_json())
+    for path, problem in skipped:
+        index.add_skipped(str(path), problem)
+    executor = Executor(workers, scheduler)
+    t0 = time.perf_counter()
+    try:
+        extract(index, specs, settings, executor, progress)
+    finally:
+        executor.shutdown()
+    index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
+    deduplicate(index, settings, progress)
+    apply_filter(index, settings, progress=progress)
+    index.meta["stats"] = corpus_stats(index.root)
+    index.save_meta()
+    if report:
+        from curation.report import write_report
+
+        write_report(index)
+    index.close()
+    return Path(out)
