@@ -96,12 +96,13 @@ class Uint8Converter:
         span = self.high - self.low
         if span <= 0:
             return np.zeros(out.shape, dtype=np.uint8)
+        nonfinite = ~np.isfinite(out) if np.dtype(self.dtype).kind == "f" else None
         out = (out - np.float32(self.low)) * np.float32(255.0 / span)
         if not self.truncate:
             out = np.rint(out, out=out)
         np.clip(out, 0, 255, out=out)
-        if out.dtype.kind == "f":
-            out[~np.isfinite(out)] = 0
+        if nonfinite is not None and nonfinite.any():
+            out[nonfinite] = 0
         return out.astype(np.uint8)
 
     def describe(self) -> dict[str, Any]:

@@ -144,4 +144,5 @@ def dhash_batch(
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     """Bitwise Hamming distance between uint64 hashes (broadcasting)."""
     x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
-    return np.unpackbits(x.astype(">u8").view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
+    as_bytes = np.atleast_1d(x).astype(">u8").view(np.uint8).reshape(*np.atleast_1d(x).shape, 8)
+    return np.unpackbits(as_bytes, axis=-1).sum(-1).reshape(x.shape)
