@@ -68,8 +68,10 @@ def _specs(args: argparse.Namespace) -> tuple[list, list]:
                 spec.key = args.key
             spec.scale_level = args.scale_level
         specs.extend(found)
-    if not specs and not skipped:
-        raise ReaderError(", ".join(args.sources) or "(no input)", "no readable source found")
+    if not specs:
+        why = "; ".join(f"{path}: {problem}" for path, problem in skipped)
+        raise ReaderError(", ".join(map(str, args.sources)) or "(no input)",
+                          "no readable source found" + (f" ({why})" if why else ""))
     return specs, skipped
 
 

@@ -113,16 +113,17 @@ class CorpusIndex:
 
     # -- sources and tasks -------------------------------------------------------------------
     def upsert_source(self, name: str, **fields: Any) -> None:
+        """Create the source row or update the given fields of it."""
         fields = {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in fields.items()}
-        cols = ", ".join(fields)
-        marks = ", ".join("?" for _ in fields)
-        updates = ", ".join(f"{c}=excluded.{c}" for c in fields)
         with self.db:
-            self.db.execute(
-                f"INSERT INTO sources (name, {cols}) VALUES (?, {marks}) "
-                f"ON CONFLICT(name) DO UPDATE SET {updates}",
-                (name, *fields.values()),
+            cur = self.db.execute(
+                f"UPDATE sources SET {', '.join(f'{c}=?' for c in fields)} WHERE name=?", (*fields.values(), name)
             )
+            if cur.rowcount == 0:
+                self.db.execute(
+                    f"INSERT INTO sources (name, {', '.join(fields)}) VALUES (?, {', '.join('?' * len(fields))})",
+                    (name, *fields.values()),
+                )
 
     def source(self, name: str) -> dict[str, Any] | None:
         cur = self.db.execute("SELECT * FROM sources WHERE name=?", (name,))

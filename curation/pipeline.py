@@ -99,7 +99,7 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str) -> UnitRes
     for index, plane in planes:
         patches, boxes = extract_patches(plane, p)
         all_patches.append(patches)
-        rows.extend((axis, index, *map(int, b)) for b in boxes)
+        rows.extend((axis, int(index), *map(int, b)) for b in boxes)
     patches = np.concatenate(all_patches) if all_patches else np.zeros((0, p, p), np.uint8)
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     atomic_save_npy(Path(unit.root) / unit.shard, patches)

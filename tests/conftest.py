@@ -27,3 +27,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def shared_data() -> Path:
     """Root of the real shared EM data (``../shared/data``)."""
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, shared_data) -> Path:
+    """A corpus curated from real shared data: NeuroProof FIB-SEM 250^3 (xy+xz+yz), ISBI 2012
+    train slices (xy only) and one 16-bit OME-Zarr SEM tile. About 900 patches."""
+    from curation.pipeline import CurateSettings, curate
+    from curation.readers import SourceSpec
+
+    sources = [
+        SourceSpec(path=str(shared_data / "neuroproof_fibsem_medulla/training_sample1/grayscale_maps"),
+                   name="neuroproof", stack=True, voxel_size=(10.0, 10.0, 10.0)),
+        SourceSpec(path=str(shared_data / "isbi2012/train/images"), name="isbi2012", stack=True,
+                   voxel_size=(50.0, 4.0, 4.0)),
+        SourceSpec(path=str(shared_data / "muvis_align_sem_tiles/ome_zarr/S000/S000_000_000.ome.zarr"),
+                   name="sem16bit_tile"),
+    ]
+    out = tmp_path_factory.mktemp("corpus") / "small_corpus"
+    return curate(sources, out, CurateSettings(), workers=2, progress=False)

@@ -1,0 +1,225 @@
+"""End-to-end curation on real EM data: provenance, bad inputs, resume, adding sources, Dask, TIFF export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from curation import pipeline
+from curation.corpus import Corpus, CorpusIndex, export_tiff_folder, open_corpus
+from curation.pipeline import CurateSettings, curate
+from curation.readers import SourceSpec, open_volume
+
+NEUROPROOF = "neuroproof_fibsem_medulla/training_sample1/grayscale_maps"
+
+
+def _rows(corpus_dir, sql, params=()):
+    db = sqlite3.connect(corpus_dir / "index.sqlite")
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def test_small_corpus_counts_planes_and_provenance(small_corpus, shared_data):
+    counts = {r[0]: r[1] for r in _rows(small_corpus, "SELECT source, COUNT(*) FROM patches GROUP BY source")}
+    # NeuroProof 250^3: one 224 patch per plane (the 26 px leftover is dropped), 3 planes x 250 slices.
+    assert counts["neuroproof"] == 750
+    # ISBI 512x512 x 30 slices, anisotropic (50 nm z): xy only, 2x2 patches each.
+    assert counts["isbi2012"] == 120
+    # A 16-bit 800x800 OME-Zarr tile: 3 full + one 128 px edge strip per side = 4x4.
+    assert counts["sem16bit_tile"] == 16
+    planes = dict(_rows(small_corpus, "SELECT name, axes FROM sources"))
+    assert json.loads(planes["neuroproof"]) == ["xy", "xz", "yz"]
+    assert json.loads(planes["isbi2012"]) == ["xy"]
+    statuses = dict(_rows(small_corpus, "SELECT status, COUNT(*) FROM patches GROUP BY status"))
+    assert set(statuses) <= {"kept", "duplicate", "filtered"}
+    assert statuses.get("duplicate", 0) > 0, "adjacent FIB-SEM slices must produce near-duplicates"
+    assert statuses["kept"] > 0
+    # Every removed patch says why; duplicates point at an exemplar of the same source that is not a duplicate.
+    for status, reason, gid, pid in _rows(small_corpus, "SELECT status, reason, group_id, id FROM patches"):
+        assert (reason == "") == (status == "kept")
+        assert (status == "duplicate") == (gid != pid)
+    bad = _rows(small_corpus, "SELECT COUNT(*) FROM patches p JOIN patches e ON p.group_id = e.id "
+                "WHERE e.group_id != e.id OR e.source != p.source")[0][0]
+    assert bad == 0
+
+    # Provenance: an xz patch equals the volume's data at (slice, y, x) after uint8 conversion.
+    corpus = Corpus(small_corpus, status=None)
+    i = int(np.nonzero((corpus.axes == "yz") & (corpus.sources[0] == "isbi2012") | (corpus.axes == "yz"))[0][37])
+    with open_volume(SourceSpec(path=str(shared_data / NEUROPROOF), stack=True)) as vol:
+        block = vol.read(slice(None), slice(None), slice(int(corpus.slices[i]), int(corpus.slices[i]) + 1))[:, :, 0]
+    y, x = corpus.ys[i], corpus.xs[i]
+    h, w = corpus.sizes[i]
+    assert np.array_equal(corpus[i], block[y : y + h, x : x + w])
+    # 16-bit tile converted with CEM500K's rule (divide by 65535, x255, truncate).
+    j = int(np.nonzero(corpus.source_index == corpus.sources.index("sem16bit_tile"))[0][0])
+    raw = tifffile.imread(shared_data / "muvis_align_sem_tiles/tiff_uint16/S000/000_000_0.tiff")
+    y, x = corpus.ys[j], corpus.xs[j]
+    h, w = corpus.sizes[j]
+    assert np.array_equal(corpus[j], (raw[y : y + h, x : x + w].astype(np.float32) / 65535 * 255).astype(np.uint8))
+    # Kept-corpus stats are stored for normalisation.
+    meta = json.loads((small_corpus / "corpus.json").read_text())
+    assert 0.2 < meta["stats"]["mean"] < 0.8 and 0.05 < meta["stats"]["std"] < 0.5
+
+
+def test_report_has_tables_and_pictures(small_corpus):
+    report = small_corpus / "report"
+    html = (report / "report.html").read_text()
+    for name in ("montage_kept.png", "montage_duplicates.png"):
+        assert (report / name).is_file() and name in html
+        assert Image.open(report / name).size[0] > 100
+    assert "neuroproof" in html and "after deduplication" in html
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["totals"]["raw"] >= summary["totals"]["after_dedup"] >= summary["totals"]["kept"] > 0
+
+
+def _bad_inputs(tmp_path, shared_data):
+    """Real files made unusable in the ways labs meet: each must be skipped with a clear reason."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    png = (shared_data / "isbi2012/train/images/0.png").read_bytes()
+    (bad / "truncated.png").write_bytes(png[: len(png) // 3])
+    (bad / "empty.tif").write_bytes(b"")
+    (bad / "notes.xyz").write_text("not an image")
+    Image.fromarray(np.array([[7]], np.uint8)).save(bad / "one_pixel.png")
+    real = np.asarray(Image.open(shared_data / "isbi2012/train/images/1.png").convert("L"))
+    tifffile.imwrite(bad / "four_d.tif", np.stack([np.stack([real[:64, :64]] * 3)] * 2)[..., None].repeat(2, -1))
+    tifffile.imwrite(bad / "all_nan.tif", np.full((300, 300), np.nan, np.float32))
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(shared_data / "isbi2012/train/images/2.png", good / "isbi_2.png")
+    return bad, good
+
+
+def test_bad_inputs_are_skipped_with_clear_reasons(tmp_path, shared_data):
+    from curation.readers import discover
+
+    bad, good = _bad_inputs(tmp_path, shared_data)
+    specs, skipped = discover([bad, good])
+    h5 = tmp_path / "wrongkey.h5"
+    shutil.copy(shared_data / "gala_fibsem_crops/train-image.h5", h5)
+    specs.append(SourceSpec(path=str(h5), key="no_such_key"))
+    out = curate(specs, tmp_path / "corpus", CurateSettings(), workers=2, skipped=skipped, progress=False)
+    problems = dict(_rows(out, "SELECT path, problem FROM skipped"))
+    names = {p.split("/")[-1]: q for p, q in problems.items()}
+    for name in ("truncated.png", "empty.tif", "notes.xyz", "one_pixel.png", "four_d.tif", "all_nan.tif", "wrongkey.h5"):
+        assert name in names, f"{name} not reported; got {names}"
+        assert names[name].strip(), name
+    assert "half a patch" in names["one_pixel.png"]
+    assert "finite" in names["all_nan.tif"]
+    assert "stack" in names["wrongkey.h5"]  # the message lists the keys that exist
+    # The good image still made it, untouched by its neighbours' failures.
+    assert _rows(out, "SELECT COUNT(*) FROM patches WHERE source LIKE 'isbi_2%'")[0][0] == 4
+    assert "one_pixel.png" in (out / "report/report.html").read_text()
+
+
+def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared_data, monkeypatch):
+    spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
+    settings = CurateSettings(patches_per_unit=64, filter="none")
+    calls = []
+    real_run_unit = pipeline.run_unit
+
+    def flaky(unit):
+        calls.append(unit.key)
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real_run_unit(unit)
+
+    monkeypatch.setattr(pipeline, "run_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        curate([spec], tmp_path / "c", settings, workers=1, progress=False)
+    done_before = _rows(tmp_path / "c", "SELECT key FROM tasks")
+    assert 0 < len(done_before) < 7
+    calls.clear()
+    curate([spec], tmp_path / "c", settings, workers=1, progress=False)
+    redone = {k for k in calls if not k.startswith("stage-")}
+    assert not redone & {k for (k,) in done_before}, "finished units must not run again"
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 750
+    # Same patches as an uninterrupted run (the staged uint8 volume was rebuilt correctly).
+    monkeypatch.setattr(pipeline, "run_unit", real_run_unit)
+    clean = curate([spec], tmp_path / "clean", settings, workers=1, progress=False)
+    a, b = Corpus(tmp_path / "c", status=None), Corpus(clean, status=None)
+    key = lambda c: sorted(zip(c.axes, c.slices, c.ys, c.xs, c.hashes.tolist()))  # noqa: E731
+    assert key(a) == key(b)
+    # A third run finds everything done and inspects nothing.
+    calls.clear()
+    monkeypatch.setattr(pipeline, "run_unit", flaky)
+    curate([spec], tmp_path / "c", settings, workers=1, progress=False)
+    assert calls == []
+
+
+def test_adding_a_source_keeps_existing_work_and_global_dedup(tmp_path, shared_data):
+    isbi = shared_data / "isbi2012/train/images"
+    first = SourceSpec(path=str(isbi), name="isbi_a", stack=True, voxel_size=(50, 4, 4))
+    out = curate([first], tmp_path / "c", CurateSettings(filter="none"), workers=1, progress=False, report=False)
+    before = sorted(_rows(out, "SELECT id, hash, status FROM patches"))
+    # The same slices again under another name: per-dataset dedup keeps both, global dedup does not.
+    copy = SourceSpec(path=str(isbi), name="isbi_b", stack=True, voxel_size=(50, 4, 4))
+    curate([first, copy], out, CurateSettings(filter="none"), workers=1, progress=False, report=False)
+    after = sorted(_rows(out, "SELECT id, hash, status FROM patches WHERE source='isbi_a'"))
+    assert after == before
+    kept_b = _rows(out, "SELECT COUNT(*) FROM patches WHERE source='isbi_b' AND status='kept'")[0][0]
+    assert kept_b == sum(1 for r in before if r[2] == "kept")
+    curate([first, copy], out, CurateSettings(filter="none", dedup_scope="global"), workers=1, progress=False,
+           report=False)
+    assert _rows(out, "SELECT COUNT(*) FROM patches WHERE source='isbi_b' AND status='kept'")[0][0] == 0 or \
+        _rows(out, "SELECT COUNT(*) FROM patches WHERE source='isbi_a' AND status='kept'")[0][0] < len(before)
+    total_kept = _rows(out, "SELECT COUNT(*) FROM patches WHERE status='kept'")[0][0]
+    assert total_kept == sum(1 for r in before if r[2] == "kept")
+    with pytest.raises(ValueError, match="patch_size"):
+        CorpusIndex(out, CurateSettings(patch_size=128).to_json())
+
+
+def test_dask_cluster_gives_the_same_corpus(tmp_path, shared_data):
+    from distributed import LocalCluster
+
+    spec = SourceSpec(path=str(shared_data / "isbi2012/train/images"), name="isbi", stack=True, voxel_size=(50, 4, 4))
+    local = curate([spec], tmp_path / "local", CurateSettings(), workers=2, progress=False, report=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        remote = curate([spec], tmp_path / "dask", CurateSettings(), scheduler=cluster.scheduler_address,
+                        progress=False, report=False)
+    a, b = Corpus(local, status=None), Corpus(remote, status=None)
+    assert sorted(a.hashes.tolist()) == sorted(b.hashes.tolist())
+    assert len(Corpus(local)) == len(Corpus(remote))
+
+
+def test_tiff_folder_export_and_read_back(small_corpus, tmp_path):
+    corpus = Corpus(small_corpus)
+    n = export_tiff_folder(corpus, tmp_path / "tiffs", progress=False)
+    assert n == len(corpus)
+    back = open_corpus(tmp_path / "tiffs")
+    assert len(back) == n and set(back.sources) == set(corpus.sources)
+    names = {p.stem: p for p in back.files}
+    for i in (0, len(corpus) // 2, len(corpus) - 1):
+        k = back.files.index(names[corpus.name_of(i)])
+        assert np.array_equal(back[k], corpus[i])
+    padded, sizes = back.get_padded([0, 1])
+    assert padded.shape == (2, 224, 224)
+    assert back.mean == pytest.approx(corpus.mean)
+
+
+def test_cli_curate_manifest_and_tools(tmp_path, shared_data, capsys):
+    from cemnet.cli import main
+
+    manifest = tmp_path / "sources.yaml"
+    manifest.write_text(
+        "sources:\n"
+        f"  - name: gala\n    path: {shared_data / 'gala_fibsem_crops/train-image.h5'}\n    key: stack\n"
+        f"  - name: empanada\n    path: {shared_data / 'empanada_test_tiles/instance/dataset1/images/ins_seg.tiff'}\n"
+    )
+    out = tmp_path / "corpus"
+    # The gala crop (50x100x200) is smaller than half a 224 patch in every plane: 64 px patches fit.
+    assert main(["curate", "--manifest", str(manifest), "--out", str(out), "--no-progress", "--patch-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "gala" in printed and "TOTAL" in printed and "failed" not in printed
+    assert main(["curate", "export-tiff", str(out), str(tmp_path / "t")]) == 0
+    assert len(list((tmp_path / "t").glob("*.tiff"))) == len(Corpus(out))
+    assert main(["curate", "report", str(out)]) == 0
+    assert main(["curate", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x")]) == 2
