@@ -58,9 +58,10 @@ def _specs(args: argparse.Namespace) -> tuple[list, list]:
 
     specs, skipped = [], []
     for manifest in args.manifest:
-        specs.extend(load_manifest(manifest))
+        specs.extend(load_manifest(manifest, skipped))
     if args.sources:
-        found, skipped = discover(args.sources, stack_folders=args.stack_folders)
+        found, not_used = discover(args.sources, stack_folders=args.stack_folders)
+        skipped.extend(not_used)
         for spec in found:
             if args.voxel_size:
                 spec.voxel_size = tuple(args.voxel_size)

@@ -1,0 +1,290 @@
+"""Source specifications and manifests for ``cemnet curate``.
+
+A :class:`SourceSpec` says where one source is and how to read it (voxel size override, axis order,
+HDF5/zarr key, OME-Zarr scale level, channel, folder-as-stack). A manifest is a YAML or CSV list of
+them. This module has no format dependencies, so the CLI and the corpus index can use it cheaply;
+the readers live in :mod:`curation.readers`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+AXIS_LETTERS = "tczyxs"  # time, channel, z, y, x, colour samples (RGB(A) -> grey)
+_SPEC_FIELDS = ("name", "path", "voxel_size", "axes", "key", "scale_level", "channel", "stack", "dataset")
+_TRUE, _FALSE = {"true", "yes", "y", "1", "on"}, {"false", "no", "n", "0", "off", ""}
+# Suffixes stripped as a whole when deriving a name ("a.ome.zarr" -> "a", "b.nii.gz" -> "b").
+_COMPOUND = re.compile(r"(\.ome)?(\.[A-Za-z0-9]{1,5})?(\.(gz|bz2))?$")
+
+
+class ReaderError(Exception):
+    """Bad input. ``str(err) == f"{path}: {problem}"``; attributes ``.path`` and ``.problem``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable across worker processes despite the 2-argument __init__
+        return (type(self), (self.path, self.problem))
+
+
+def _as_int(value: Any, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in _TRUE:
+        return True
+    if str(value).strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{what} must be true or false, got {value!r}")
+
+
+def parse_voxel_size(value: Any) -> tuple[float, float, float] | None:
+    """``"z,y,x"`` / ``"ZxYxX"`` / ``[z, y, x]`` in nm, or one number (isotropic) -> tuple; None if empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,;x\s]+", value.strip().strip("[]()")) if p]
+    else:
+        parts = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        numbers = ()
+    numbers = numbers * 3 if len(numbers) == 1 else numbers
+    if len(numbers) != 3 or not all(math.isfinite(n) and n > 0 for n in numbers):
+        raise ValueError(f"voxel_size must be 3 positive numbers (z,y,x in nm), got {value!r}")
+    return numbers  # type: ignore[return-value]
+
+
+def check_axes(axes: str) -> str:
+    """Validate an axis-order string such as ``"zyx"``, ``"xyz"``, ``"tczyx"`` (lower-cased)."""
+    letters = axes.strip().lower()
+    if (
+        not letters
+        or set(letters) - set(AXIS_LETTERS)
+        or len(set(letters)) != len(letters)
+        or not {"y", "x"} <= set(letters)
+    ):
+        raise ValueError(
+            f"axes must use each of the letters {', '.join(AXIS_LETTERS)} at most once and "
+            f"contain y and x, got {axes!r}"
+        )
+    return letters
+
+
+@dataclass
+class SourceSpec:
+    """One entry of a manifest / one CLI path. Values are validated and normalised on creation."""
+
+    path: str
+    name: str | None = None  # default: derived from the file/folder name (see assign_names)
+    voxel_size: tuple[float, float, float] | None = None  # (z, y, x) nm override
+    axes: str | None = None  # axis order of the stored array, e.g. "zyx", "xyz", "tczyx"
+    key: str | None = None  # hdf5 dataset / zarr array path
+    scale_level: int = 0  # OME-Zarr multiscale level
+    channel: int | None = None
+    stack: bool = False  # path is a folder of 2D slices -> one volume
+    # Near-duplicates are removed within a dataset (CEM500K): default the source itself; sources
+    # found under one folder argument / manifest folder entry share that folder's dataset.
+    dataset: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path).strip():
+            raise ValueError(f"path must be a non-empty string, got {self.path!r}")
+        self.path = os.fspath(self.path)
+        if self.name is not None:
+            self.name = str(self.name).strip() or None
+            if self.name is not None and safe_name(self.name) != self.name:
+                raise ValueError(
+                    f"name must use only letters, digits, '.', '_' and '-' (got {self.name!r})"
+                )
+        self.voxel_size = parse_voxel_size(self.voxel_size)
+        self.axes = check_axes(self.axes) if self.axes not in (None, "") else None
+        if self.key is not None:
+            self.key = str(self.key).strip() or None
+        self.scale_level = _as_int(self.scale_level if self.scale_level != "" else 0, "scale_level")
+        self.channel = None if self.channel in (None, "") else _as_int(self.channel, "channel")
+        self.stack = _as_bool(self.stack, "stack")
+        self.dataset = None if self.dataset in (None, "") else safe_name(str(self.dataset))
+
+    def to_json(self) -> dict:
+        """Plain JSON-able dict (voxel_size as a list); inverse of :meth:`from_json`."""
+        d = dataclasses.asdict(self)
+        d["voxel_size"] = list(self.voxel_size) if self.voxel_size else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceSpec":
+        """Build from a dict with the field names above; unknown keys are an error (typos)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a source must be a mapping or a path string, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_SPEC_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; allowed: {', '.join(_SPEC_FIELDS)}")
+        if "path" not in d:
+            raise ValueError("missing 'path'")
+        return cls(**{k: v for k, v in d.items()})
+
+
+def safe_name(text: str) -> str:
+    """Filesystem-safe version of ``text``: runs of other characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "source"
+
+
+def default_name(path: str | os.PathLike) -> str:
+    """Name derived from the file/folder name, without (compound) extension."""
+    base = os.path.basename(os.path.normpath(os.fspath(path)))
+    stem = _COMPOUND.sub("", base) if not os.path.isdir(path) or base.lower().endswith(".zarr") else base
+    return safe_name(stem or base)
+
+
+def assign_names(specs: Iterable[SourceSpec]) -> list[SourceSpec]:
+    """Give every spec without a name a unique one; explicit names must be unique already.
+
+    Colliding derived names take parent folder names until they differ
+    (``mito/binary/fib1.nii.gz`` -> ``binary_fib1``), then a ``-2``, ``-3`` suffix.
+    """
+    specs = list(specs)
+    explicit = [s.name for s in specs if s.name]
+    dupes = sorted({n for n in explicit if explicit.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate source name(s) {dupes}")
+    todo = [i for i, s in enumerate(specs) if not s.name]
+    parts = {i: Path(os.path.normpath(os.path.abspath(specs[i].path))).parts[:-1] for i in todo}
+    depth = {i: 0 for i in todo}
+    names = {i: default_name(specs[i].path) for i in todo}
+    while True:
+        clash = []
+        for name in set(names.values()):
+            members = [i for i in todo if names[i] == name]
+            # parents can only separate files in different folders (or from an explicit name)
+            if len({parts[i] for i in members}) > 1 or (name in explicit and members):
+                clash += [i for i in members if depth[i] < len(parts[i]) - 1]
+        if not clash:
+            break
+        for i in clash:  # prepend one more parent folder to every colliding derived name
+            depth[i] += 1
+            names[i] = safe_name(parts[i][-depth[i]]) + "_" + names[i]
+    used = set(explicit)
+    for i in todo:
+        name, k = names[i], 2
+        while name in used:
+            name, k = f"{names[i]}-{k}", k + 1
+        used.add(name)
+        specs[i] = dataclasses.replace(specs[i], name=name)
+    return specs
+
+
+def _yaml_entries(text: str) -> tuple[list, list[int]]:
+    """Parse YAML; return the list of entries and the 1-based line of each (for error messages)."""
+    data = yaml.safe_load(text)
+    node = yaml.compose(text)
+    if isinstance(data, dict) and set(data) == {"sources"}:
+        data = data["sources"]
+        node = next(v for k, v in node.value if k.value == "sources")
+    if not isinstance(data, list):
+        raise ValueError("expected a list of sources, or a mapping with a 'sources' list")
+    return data, [item.start_mark.line + 1 for item in node.value]
+
+
+def _csv_entries(text: str) -> tuple[list, list[int]]:
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in reader.fieldnames or []]
+    if "path" not in header or set(header) - set(_SPEC_FIELDS):
+        raise ValueError(f"CSV header must name 'path' and only {', '.join(_SPEC_FIELDS)}; got {header}")
+    entries, lines = [], []
+    for row in reader:
+        if None in row:
+            raise ValueError(f"line {reader.line_num}: more values than header columns")
+        entries.append({k.strip(): (v or "").strip() for k, v in row.items() if (v or "").strip()})
+        lines.append(reader.line_num)
+    return entries, lines
+
+
+def _expand_folder_entry(spec: SourceSpec, skipped: list | None) -> list[SourceSpec]:
+    """A manifest entry naming a plain folder: every readable source below it, sharing the
+    entry's options, named ``<entry name>_<file name>``, all in one dedup dataset."""
+    from curation.readers import discover  # the readers import this module
+
+    found, not_used = discover([spec.path])
+    if skipped is not None:
+        skipped.extend(not_used)
+    prefix = spec.name or default_name(spec.path)
+    return [
+        dataclasses.replace(
+            spec, path=f.path, stack=f.stack, name=safe_name(f"{prefix}_{f.name}"),
+            dataset=spec.dataset or prefix,
+        )
+        for f in found
+    ]
+
+
+def load_manifest(path: str | os.PathLike, skipped: list | None = None) -> list[SourceSpec]:
+    """Read a YAML (list of mappings, or ``{sources: [...]}``) or CSV manifest.
+
+    CSV header: ``name,path,voxel_size,axes,key,scale_level,channel,stack`` (``path`` required,
+    other columns optional, ``voxel_size`` as ``"z,y,x"``). A YAML entry may also be a bare path.
+    Relative paths are resolved against the manifest's folder. Missing names are derived (unique).
+    Raises ReaderError naming the file and the entry/line of a bad entry. An entry naming a plain
+    folder (not ``stack``, not zarr) expands into the sources below it, one dataset; files there
+    that cannot be used are appended to ``skipped`` as ``(path, problem)``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReaderError(path, f"cannot read manifest ({e})") from e
+    try:
+        entries, lines = _csv_entries(text) if path.suffix.lower() == ".csv" else _yaml_entries(text)
+    except (ValueError, yaml.YAMLError, csv.Error) as e:
+        raise ReaderError(path, f"invalid manifest: {e}".replace("\n", " ")) from e
+    specs = []
+    for number, (entry, line) in enumerate(zip(entries, lines), start=1):
+        try:
+            spec = SourceSpec(entry) if isinstance(entry, str) else SourceSpec.from_json(entry)
+        except (ValueError, TypeError) as e:
+            raise ReaderError(path, f"entry {number} (line {line}): {e}") from e
+        full = os.path.expanduser(spec.path)
+        full = os.path.normpath(full if os.path.isabs(full) else os.path.join(path.resolve().parent, full))
+        spec = dataclasses.replace(spec, path=full)
+        if os.path.isdir(full) and not spec.stack and not full.lower().endswith(".zarr"):
+            specs.extend(_expand_folder_entry(spec, skipped))
+        else:
+            specs.append(spec)
+    if not specs:
+        raise ReaderError(path, "manifest lists no sources")
+    try:
+        return assign_names(specs)
+    except ValueError as e:
+        raise ReaderError(path, str(e)) from e
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key putting ``iso.2.png`` before ``iso.10.png`` (ties broken by the raw string)."""
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)) + (text,)
+
+
+def natural_sorted(items: Sequence[str]) -> list[str]:
+    return sorted(items, key=natural_key)

@@ -1,0 +1,931 @@
+"""Readers: every EM source a lab has -> uniform, chunked, greyscale (z, y, x) access.
+
+``open_volume(spec)`` picks a reader by extension / folder content and returns a :class:`Volume`:
+``shape`` (z, y, x), ``dtype`` after grey conversion, ``voxel_size`` in nm and ``read(z, y, x)``
+that decodes only what a sub-range needs (memory maps, HDF5/zarr chunks, TIFF pages, slice files,
+video frames). Array formats share :class:`_ArrayVolume`, which maps the stored axis order
+(``tczyxs``) to (z, y, x), picks a channel, drops singleton t/c axes and turns RGB(A) into grey.
+``discover`` expands folders into sources; ``describe`` summarises a volume for reports.
+Bad input raises :class:`ReaderError` (``"{path}: {problem}"``). See ``docs/readers.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from curation.manifest import (
+    ReaderError,
+    SourceSpec,
+    assign_names,
+    check_axes,
+    default_name,
+    load_manifest,
+    natural_sorted,
+)
+
+__all__ = [
+    "ReaderError", "SourceSpec", "Volume", "open_volume", "discover", "describe", "load_manifest",
+    "reader_for", "IMAGE_EXTS", "VOXEL_NM_RANGE",
+]
+
+# A header voxel size outside this range (nm) is a placeholder or a wrong unit (NIfTI "1 mm",
+# TIFF "1 pixel per cm"), not an EM voxel: it is ignored and noted rather than trusted.
+VOXEL_NM_RANGE = (0.01, 1e5)
+_UNIT_NM = {
+    "m": 1e9, "meter": 1e9, "metre": 1e9, "cm": 1e7, "centimeter": 1e7, "mm": 1e6,
+    "millimeter": 1e6, "millimetre": 1e6, "um": 1e3, "µm": 1e3, "μm": 1e3, "micron": 1e3,
+    "microns": 1e3, "micrometer": 1e3, "micrometre": 1e3, "nm": 1.0, "nanometer": 1.0,
+    "nanometre": 1.0, "a": 0.1, "å": 0.1, "angstrom": 0.1, "ångström": 0.1, "pm": 1e-3,
+    "picometer": 1e-3,
+}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # 2D image files (tif may also be 3D)
+_MRC_EXTS = (".mrc", ".map", ".rec", ".st", ".ali", ".mrcs")
+_VIDEO_EXTS = (".avi", ".mp4", ".mov", ".mkv")
+_PREFERRED_KEYS = ("stack", "raw", "data", "volume")
+
+
+def _unit_nm(unit: Any) -> float | None:
+    """Size of one ``unit`` in nm (None if unknown/absent)."""
+    if not isinstance(unit, str):
+        return None
+    return _UNIT_NM.get(unit.strip().lower().replace("\\u00b5", "µ"))
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Volume(abc.ABC):
+    """An opened source: greyscale (z, y, x) access. Use as a context manager or call close()."""
+
+    reader: ClassVar[str] = "?"
+    options: ClassVar[frozenset[str]] = frozenset()  # which SourceSpec options the reader uses
+
+    spec: SourceSpec
+    path: str
+    name: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    voxel_size: tuple[float, float, float] | None
+    voxel_size_from: str
+    is_volume: bool
+    chunk_zyx: tuple[int, int, int]
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.spec, self.path = spec, spec.path
+        self.name = spec.name or assign_names([spec])[0].name
+        self.notes: list[str] = []  # non-fatal remarks for reports (ignored metadata etc.)
+        self._closers: list[Any] = []
+        try:
+            self._open()
+        except BaseException:
+            self.close()  # a failed open must not leak file handles
+            raise
+        for opt, default in (("axes", None), ("key", None), ("scale_level", 0), ("channel", None)):
+            if getattr(spec, opt) != default and opt not in self.options:
+                self.notes.append(f"option {opt!r} does not apply to {self.reader} sources; ignored")
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Open the source; set shape, dtype, is_volume, chunk_zyx; call _set_voxel_size."""
+
+    @abc.abstractmethod
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        """(z, y, x) block for normalised, non-empty slices (positive step)."""
+
+    def _fail(self, problem: str) -> ReaderError:
+        return ReaderError(self.path, problem)
+
+    def _set_voxel_size(self, from_file: Sequence[float | None] | None, what: str = "header") -> None:
+        """Manifest override, else a complete and plausible (z, y, x) nm from the file, else None."""
+        if from_file is not None and any(v is None for v in from_file):
+            known = ", ".join(f"{a}={v:g} nm" for a, v in zip("zyx", from_file) if v is not None)
+            self.notes.append(f"{what} gives only part of the voxel size ({known}); set voxel_size")
+            from_file = None
+        if from_file is not None:
+            lo, hi = VOXEL_NM_RANGE
+            # 6 significant digits: float32 headers and unit products (0.032 * 1000) are not exact
+            vs = tuple(float(f"{float(v):.6g}") for v in from_file)  # type: ignore[arg-type]
+            if not all(math.isfinite(v) and lo <= v <= hi for v in vs):
+                self.notes.append(f"ignored implausible voxel size {vs} nm from the {what}")
+                from_file = None
+        if self.spec.voxel_size is not None:
+            self.voxel_size, self.voxel_size_from = self.spec.voxel_size, "manifest"
+        elif from_file is not None:
+            self.voxel_size, self.voxel_size_from = vs, "file"
+        else:
+            self.voxel_size, self.voxel_size_from = None, "none"
+
+    def read(
+        self, z: slice = slice(None), y: slice = slice(None), x: slice = slice(None)
+    ) -> np.ndarray:
+        """Read a (z, y, x) block: grey, the source's numeric dtype, C-contiguous, native order."""
+        norm = []
+        for s, n, axis in zip((z, y, x), self.shape, "zyx"):
+            if not isinstance(s, slice):
+                raise TypeError(f"{axis} must be a slice, got {type(s).__name__}")
+            start, stop, step = s.indices(n)
+            if step < 1:
+                raise ValueError(f"{axis} slice step must be positive, got {step}")
+            norm.append(slice(start, max(start, stop), step))
+        out_shape = tuple(len(range(s.start, s.stop, s.step)) for s in norm)
+        if 0 in out_shape:
+            return np.empty(out_shape, self.dtype)
+        try:
+            out = self._read(*norm)
+        except ReaderError:
+            raise
+        except Exception as e:  # decoder errors (truncated chunk, corrupt page ...) name the file
+            problem = f"read failed, file truncated or corrupt? ({type(e).__name__}: {e})"
+            raise self._fail(problem.replace("\n", " ")) from e
+        out = np.ascontiguousarray(out, dtype=self.dtype)
+        if out.shape != out_shape:
+            raise self._fail(f"read returned shape {out.shape}, expected {out_shape}")
+        return out
+
+    def close(self) -> None:
+        """Release file handles (safe to call twice)."""
+        while self._closers:
+            with contextlib.suppress(Exception):
+                self._closers.pop().close()
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} shape={self.shape} dtype={self.dtype}>"
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("=")
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of the last axis (RGB or RGBA), bit-exact with PIL's ``convert('L')``."""
+    r, g, b = (rgb[..., i] for i in range(3))
+    if rgb.dtype.kind in "biu" and rgb.dtype.itemsize <= 4:
+        # PIL: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16; equal channels give that channel.
+        out = (r.astype(np.int64) * 19595 + g.astype(np.int64) * 38470 + b.astype(np.int64) * 7471
+               + 0x8000) >> 16
+    else:
+        out = r * 0.299 + g * 0.587 + b * 0.114
+    return out.astype(rgb.dtype)
+
+
+# --------------------------------------------------------------------------- array formats
+
+
+class _ArrayVolume(Volume):
+    """Base for formats exposing a lazily indexable N-D array with a known/guessed axis order."""
+
+    options = frozenset({"axes", "channel"})
+
+    def _setup_array(
+        self,
+        arr: Any,
+        axes: str | None,
+        *,
+        chunks: Sequence[int] | None = None,
+        lut: np.ndarray | None = None,
+    ) -> None:
+        """``arr``: has shape/dtype/__getitem__; ``axes``: stored order from metadata (or None)."""
+        shape = tuple(int(n) for n in arr.shape)
+        if len(shape) < 2:
+            raise self._fail(f"{len(shape)}-D array (shape {shape}) is not an image")
+        if np.dtype(arr.dtype).kind not in "biuf":
+            raise self._fail(f"unsupported data type {arr.dtype} (not a real number)")
+        if axes and not self.spec.axes:
+            try:
+                check_axes(axes)
+            except ValueError:
+                self.notes.append(f"ignored unusable axis names {axes!r} in the file")
+                axes = None
+        axes = self.spec.axes or axes or self._guess_axes(shape)
+        if len(axes) != len(shape):
+            raise self._fail(f"axes {axes!r} has {len(axes)} letters but the array is "
+                             f"{len(shape)}-D (shape {shape})")
+        if 0 in shape:
+            raise self._fail(f"empty volume: array shape {shape} has a zero-size axis")
+        channel, index = self.spec.channel, []
+        for a, n in zip(axes, shape):
+            if a == "t":
+                if n != 1:
+                    raise self._fail(f"has {n} time points (shape {shape}); only one is supported")
+                index.append(0)
+            elif a == "c" or (a == "s" and channel is not None and "c" not in axes):
+                if channel is None and n > 1:
+                    raise self._fail(f"has {n} channels (axes {axes!r}, shape {shape}); "
+                                     "set `channel` to pick one")
+                if (channel or 0) >= n:
+                    raise self._fail(f"channel {channel} out of range: the data has {n} channel(s)")
+                index.append(channel or 0)
+            elif a == "s" and n in (1, 2):  # grey or grey + alpha
+                index.append(0)
+            elif a == "s" and n not in (3, 4):
+                raise self._fail(f"has {n} colour samples per pixel; expected grey, RGB or RGBA")
+            else:
+                index.append(None)  # z, y, x (sliced) or RGB(A) samples (-> luma)
+        self._arr, self._axes, self._index, self._lut = arr, axes, index, lut
+        size = dict(zip(axes, shape))
+        self.shape = (size.get("z", 1), size["y"], size["x"])
+        dtype = lut.dtype if lut is not None else np.dtype(arr.dtype)
+        self.dtype = _native(dtype)
+        self.is_volume = "z" in axes
+        by_axis = dict(zip(axes, chunks)) if chunks else {"y": self.shape[1], "x": self.shape[2]}
+        self.chunk_zyx = tuple(
+            int(min(max(by_axis.get(a, 1), 1), n)) for a, n in zip("zyx", self.shape)
+        )  # type: ignore[assignment]
+
+    def _guess_axes(self, shape: tuple[int, ...]) -> str:
+        """Axis order when the file says nothing: yx, zyx; 4-D needs a channel choice."""
+        if len(shape) in (2, 3):
+            return "zyx"[3 - len(shape):]
+        if len(shape) == 4:
+            if self.spec.channel is None:
+                raise self._fail(
+                    f"4-D array (shape {shape}) needs a channel choice: set `channel` "
+                    "(and `axes`, e.g. 'zyxc', when channels are not the first axis)"
+                )
+            guess = "zyxc" if shape[3] <= 4 < shape[0] else "czyx"
+            self.notes.append(f"assumed axes {guess!r} for 4-D shape {shape}")
+            return guess
+        if len(shape) == 5:
+            return "tczyx"
+        raise self._fail(f"{len(shape)}-D array (shape {shape}) is ambiguous; set `axes`")
+
+    def _voxel_from_axes(self, nm_by_axis: dict[str, float | None], what: str) -> None:
+        """Voxel size from per-stored-axis nm values (keys are axis letters)."""
+        if not any(v is not None for v in nm_by_axis.values()):
+            self._set_voxel_size(None)
+        elif "z" not in self._axes:  # 2D: no section thickness, so no complete (z, y, x)
+            self._set_voxel_size((None, nm_by_axis.get("y"), nm_by_axis.get("x")), what)
+        else:
+            self._set_voxel_size(tuple(nm_by_axis.get(a) for a in "zyx"), what)
+
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        want = {"z": z, "y": y, "x": x, "s": slice(None)}
+        key = tuple(want[a] if i is None else i for a, i in zip(self._axes, self._index))
+        data = np.asarray(self._arr[key])
+        kept = [a for a, i in zip(self._axes, self._index) if i is None]
+        data = data.transpose([kept.index(a) for a in "zyxs" if a in kept])
+        if "s" in kept:
+            data = _luma(data)
+        if "z" not in kept:
+            data = data[None]
+        return self._lut[data] if self._lut is not None else data
+
+
+class _TiffVolume(_ArrayVolume):
+    """TIFF / BigTIFF / OME-TIFF / ImageJ: memory-mapped when uncompressed and contiguous, else
+    read through tifffile's zarr store so a sub-range decodes only its pages / strips / tiles."""
+
+    reader = "tiff"
+
+    def _open(self) -> None:
+        import tifffile
+        import zarr
+
+        with _tifffile_errors() as errors:
+            tif = tifffile.TiffFile(self.path)
+            self._closers.append(tif)
+            series = tif.series[0]  # level 0; later series are thumbnails / other images
+            pages = [p for p in series.pages if p is not None]
+        if errors:  # tifffile logs, rather than raises, broken IFD chains and truncated series
+            raise self._fail(f"corrupt or truncated TIFF ({errors[0]})")
+        size = os.path.getsize(self.path)
+        end = max((o + n for p in pages for o, n in zip(p.dataoffsets, p.databytecounts)), default=0)
+        if series.dataoffset is not None:
+            end = max(end, series.dataoffset + series.size * series.dtype.itemsize)
+        if end > size:
+            raise self._fail(f"truncated TIFF: image data ends at byte {end} but the file has {size}")
+        page = series.keyframe
+        lut = None
+        if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+            colours = (np.asarray(page.colormap).T >> 8).astype(np.uint8)  # 16-bit -> 8-bit RGB
+            lut = _luma(colours)  # palette -> 'L', as PIL does for PNG palettes
+        if series.dataoffset is not None:
+            dtype = series.dtype.newbyteorder(tif.byteorder)  # tifffile reports native order
+            arr, chunks = np.memmap(self.path, dtype, "r", series.dataoffset, series.shape), None
+        else:
+            arr = zarr.open_array(series.aszarr(), mode="r")
+            chunks = arr.chunks
+        self._setup_array(arr, _tiff_axes(series.axes, series.shape), chunks=chunks, lut=lut)
+        self._set_tiff_voxel_size(tif, page)
+
+    def _set_tiff_voxel_size(self, tif: Any, page: Any) -> None:
+        # Only microscopy metadata counts; bare TIFF resolution tags are print DPI, not pixel size.
+        nm: dict[str, float | None] = {}
+        if tif.is_ome and tif.ome_metadata:
+            xml = ET.fromstring(tif.ome_metadata)
+            pixels = next((e for e in xml.iter() if e.tag.endswith("Pixels")), None)
+            for a in "zyx" if pixels is not None else "":
+                value = pixels.get(f"PhysicalSize{a.upper()}")
+                unit = _unit_nm(pixels.get(f"PhysicalSize{a.upper()}Unit", "µm"))
+                nm[a] = float(value) * unit if value and unit else None
+            what = "OME-XML"
+        elif tif.is_imagej and tif.imagej_metadata:
+            unit = _unit_nm(tif.imagej_metadata.get("unit"))
+            for a, tag in (("y", "YResolution"), ("x", "XResolution")):
+                num, den = page.tags[tag].value if tag in page.tags else (0, 1)
+                nm[a] = den / num * unit if unit and num else None
+            spacing = tif.imagej_metadata.get("spacing")
+            nm["z"] = float(spacing) * unit if unit and spacing else None
+            what = "ImageJ metadata"
+        else:
+            what = ""
+        self._voxel_from_axes(nm, what)
+
+
+@contextlib.contextmanager
+def _tifffile_errors() -> Iterator[list[str]]:
+    """Collect ERROR records tifffile logs while parsing (its way of reporting broken files)."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, log = _Collect(logging.ERROR), logging.getLogger("tifffile")
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+
+
+def _tiff_axes(axes: str, shape: Sequence[int]) -> str | None:
+    """tifffile axis codes -> ours; page index ('I', 'Q') is z. None when ambiguous."""
+    table = {"Z": "z", "I": "z", "Q": "z", "T": "t", "C": "c", "S": "s", "Y": "y", "X": "x"}
+    out = ""
+    for code, n in zip(axes, shape):
+        letter = table.get(code)
+        if letter is None or letter in out:  # unknown or repeated axis: fine only if singleton
+            letter = next((a for a in "tc" if a not in out), None) if n == 1 else None
+        if letter is None:
+            return None
+        out += letter
+    return out
+
+
+class _PilImage(_ArrayVolume):
+    """PNG / JPEG (2D) via PIL, converted to grey like PIL's 'L'; decoded once at open (so a
+    truncated file fails early) and kept until close()."""
+
+    reader = "image"
+    options = frozenset({"axes"})
+
+    def _open(self) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                arr = _pil_grey(im)
+        except Image.DecompressionBombError as e:
+            raise self._fail(f"image too large for PIL ({e}); convert it to a tiled TIFF") from e
+        self._setup_array(arr, "yx")
+        self._set_voxel_size(None)  # PNG/JPEG resolution is print DPI, not pixel size
+
+
+def _pil_grey(im: Any) -> np.ndarray:
+    """Numeric greyscale array of a PIL image: 16-bit/int/float kept, everything else -> 'L'."""
+    if im.mode in ("L", "I", "F") or im.mode.startswith("I;16"):
+        return np.asarray(im)
+    try:
+        return np.asarray(im.convert("L"))  # RGB(A) -> 601 luma, palette -> its grey, '1' -> 0/255
+    except ValueError:  # modes PIL cannot take straight to 'L' (e.g. 'PA')
+        return np.asarray(im.convert("RGBA").convert("L"))
+
+
+def _pil_probe(path: str) -> tuple[tuple[int, int], np.dtype]:
+    """(y, x) shape and grey dtype from a PNG/JPEG header, without decoding."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mode, (w, h) = im.mode, im.size
+    if mode.startswith("I;16"):
+        return (h, w), np.dtype(np.uint16)
+    return (h, w), np.dtype({"I": np.int32, "F": np.float32}.get(mode, np.uint8))
+
+
+class _MrcVolume(_ArrayVolume):
+    """MRC / CCP4 (.mrc .map .rec .st .ali .mrcs, optionally .gz/.bz2) via mrcfile; memory-mapped
+    when uncompressed. Axes follow the header's MAPC/MAPR/MAPS; voxel size from the header (Å)."""
+
+    reader = "mrc"
+
+    def _open(self) -> None:
+        import warnings
+
+        import mrcfile
+
+        compressed = self.path.lower().endswith((".gz", ".bz2"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mrc = (mrcfile.open if compressed else mrcfile.mmap)(self.path, mode="r", permissive=True)
+        self._closers.append(mrc)
+        if mrc.data is None:
+            detail = "; ".join(str(w.message) for w in caught) or "no data block"
+            raise self._fail(f"corrupt or truncated MRC file ({detail})")
+        h, data = mrc.header, mrc.data
+        if data.dtype == np.int8 and _imod_unsigned_bytes(h):
+            data = data.view(np.uint8)  # IMOD writes unsigned bytes in mode 0 unless flagged signed
+        order = (int(h.maps), int(h.mapr), int(h.mapc))  # which of x/y/z each stored axis is
+        valid = data.ndim == 3 and sorted(order) == [1, 2, 3]
+        self._setup_array(data, "".join("xyz"[m - 1] for m in order) if valid else None)
+        try:  # Å per voxel along x, y, z; 0 when the header leaves the cell empty
+            angstrom = [float(getattr(mrc.voxel_size, a)) for a in "zyx"]
+        except Exception:  # e.g. a zero sampling (mx/my/mz) in a sloppy header
+            angstrom = [0.0]
+        self._set_voxel_size([v / 10 for v in angstrom] if min(angstrom) > 0 else None)
+
+
+def _imod_unsigned_bytes(header: Any) -> bool:
+    """IMOD stamp present and its 'signed bytes' flag clear (bytes 152-159 of the header)."""
+    order = header.mode.dtype.byteorder  # the header's byte order applies to the IMOD fields too
+    stamp, flags = np.frombuffer(header.extra2.tobytes()[40:48], np.dtype("i4").newbyteorder(order))
+    return int(stamp) == 1146047817 and not int(flags) & 1
+
+
+class _NrrdVolume(_ArrayVolume):
+    """NRRD via pynrrd: raw attached data is memory-mapped, other encodings are read whole.
+    Spacing from 'space directions' (vector lengths) or 'spacings'; units from 'space units' /
+    'units' (none given: assumed nm, and noted)."""
+
+    reader = "nrrd"
+
+    def _open(self) -> None:
+        import nrrd
+
+        with open(self.path, "rb") as fh:
+            header = nrrd.read_header(fh)
+            offset = fh.tell()  # attached data starts right after the header's blank line
+        sizes = tuple(int(n) for n in header["sizes"])[::-1]  # NRRD lists the fastest axis first
+        detached = {"data file", "datafile", "line skip", "byte skip"} & set(header)
+        datatype = getattr(nrrd.reader, "_determine_datatype", None)  # pynrrd's own type parser
+        if header.get("encoding") == "raw" and not detached and datatype is not None:
+            arr: Any = np.memmap(self.path, datatype(header), "r", offset, sizes)
+        else:
+            arr, _ = nrrd.read(self.path, index_order="C")
+        kinds = [str(k).lower() for k in header.get("kinds", [])][::-1]
+        spatial = sum(k in ("domain", "space") for k in kinds)
+        axes = None
+        if len(kinds) == len(sizes) and 2 <= spatial <= 3 and spatial < len(kinds):  # e.g. RGB kind
+            letters = iter("zyx"[3 - spatial:])
+            axes = "".join(next(letters) if k in ("domain", "space") else "t" if k == "time"
+                           else "s" if "color" in k else "c" for k in kinds)
+        self._setup_array(arr, axes)
+        self._voxel_from_axes(self._spacing_nm(header), "NRRD header")
+
+    def _spacing_nm(self, header: dict) -> dict[str, float | None]:
+        """nm per spatial axis; non-spatial axes have 'none' directions / NaN spacings."""
+        if header.get("space directions") is not None:
+            rows = [np.asarray(r, dtype=float) for r in header["space directions"]]
+            spacing = [float(np.linalg.norm(r)) for r in rows if not np.isnan(r).all()]
+            units = list(header.get("space units") or [])
+        elif header.get("spacings") is not None:
+            keep = [not math.isnan(float(v)) for v in header["spacings"]]
+            spacing = [float(v) for v, k in zip(header["spacings"], keep) if k]
+            units = [u for u, k in zip(header.get("units") or [], keep) if k]
+        else:
+            return {}
+        factors = [_unit_nm(u) for u in units]
+        if len(factors) != len(spacing) or None in factors:
+            self.notes.append("NRRD spacing has no (known) unit; assumed nm")
+            factors = [1.0] * len(spacing)
+        nm = [v * f for v, f in zip(spacing, factors)][::-1]  # slowest axis first, like the array
+        letters = [a for a in self._axes if a in "zyx"]
+        return dict(zip(letters, nm)) if len(nm) == len(letters) else {}
+
+
+class _NiftiVolume(_ArrayVolume):
+    """NIfTI-1/2 (.nii, .nii.gz) via nibabel's lazy array proxy; stored x, y, z(, t, c) ->
+    (z, y, x). Voxel size from the zooms with the header's xyzt_units (unknown units -> none)."""
+
+    reader = "nifti"
+
+    def _open(self) -> None:
+        import nibabel
+
+        img = nibabel.load(self.path)
+        proxy = img.dataobj
+        ndim = len(proxy.shape)
+        axes = "xyztc"[:ndim] if ndim <= 5 else None
+        self._setup_array(_ScaledProxy(proxy), axes)
+        space_unit = img.header.get_xyzt_units()[0]
+        factor = {"meter": 1e9, "mm": 1e6, "micron": 1e3}.get(space_unit)
+        zooms = img.header.get_zooms()
+        if factor is None:
+            if ndim >= 3:
+                zyx = tuple(float(v) for v in zooms[:3])
+                self.notes.append(f"NIfTI zooms {zyx} (x, y, z) have unknown units; ignored")
+            self._set_voxel_size(None)
+        else:
+            self._voxel_from_axes({a: float(v) * factor for a, v in zip("xyz", zooms)}, "NIfTI header")
+
+
+class _ScaledProxy:
+    """nibabel's proxy with the dtype its reads really have (scl_slope/inter may make it float)."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy, self.shape = proxy, tuple(proxy.shape)
+        one_voxel = (slice(0, 1),) * len(self.shape)
+        self.dtype = proxy.dtype if 0 in self.shape else np.asarray(proxy[one_voxel]).dtype
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return self.proxy[key]
+
+
+class _HdfVolume(_ArrayVolume):
+    """HDF5 via h5py, sliced lazily. Dataset from `key`, else the single (or largest, preferring
+    stack/raw/data/volume) >= 2-D numeric dataset. Axes from ilastik 'axistags'; voxel size from
+    'element_size_um' (µm) or CREMI-style 'resolution' (nm)."""
+
+    reader = "hdf5"
+    options = frozenset({"axes", "channel", "key"})
+
+    def _open(self) -> None:
+        import h5py
+
+        f = h5py.File(self.path, "r")
+        self._closers.append(f)
+        found: dict[str, Any] = {}
+
+        def collect(name: str, obj: Any) -> None:  # visititems stops at the first non-None return
+            if isinstance(obj, h5py.Dataset):
+                found[name] = obj
+
+        f.visititems(collect)
+        listing = {k: (d.shape, d.dtype) for k, d in found.items()}
+        ds = found[_pick_array(self, self.spec.key, listing, "dataset")]
+        axes = None
+        with contextlib.suppress(Exception):
+            tags = json.loads(ds.attrs["axistags"])["axes"]
+            axes = "".join(t["key"] for t in tags).lower()
+        self._setup_array(ds, axes, chunks=ds.chunks)
+        spatial = [a for a in self._axes if a in "zyx"]
+        for attr, factor in (("element_size_um", 1e3), ("resolution", 1.0)):
+            values = ds.attrs.get(attr)
+            if values is not None and np.size(values) == len(spatial):
+                nm = {a: float(v) * factor for a, v in zip(spatial, np.ravel(values))}
+                self._voxel_from_axes(nm, f"'{attr}' attribute")
+                return
+        self._set_voxel_size(None)
+
+
+def _pick_array(vol: Volume, key: str | None, found: dict[str, tuple], what: str) -> str:
+    """The array named ``key`` (error listing the available ones), else autodetect."""
+    listing = ", ".join(f"'{k}' {tuple(s)}" for k, (s, _) in sorted(found.items())) or "none"
+    if key is not None:
+        if key.strip("/") not in found:
+            raise vol._fail(f"no {what} '{key}'; available {what}s: {listing}")
+        return key.strip("/")
+    images = {k: s for k, (s, d) in found.items() if len(s) >= 2 and np.dtype(d).kind in "biuf"}
+    if not images:
+        raise vol._fail(f"no >=2-D numeric {what} found (available: {listing})")
+    images = {k: s for k, s in images.items() if 0 not in s} or images  # an empty one only if alone
+    preferred = {k: s for k, s in images.items() if k.rsplit("/", 1)[-1].lower() in _PREFERRED_KEYS}
+    pool = preferred or images
+    best = max(sorted(pool), key=lambda k: int(np.prod(pool[k], dtype=np.int64)))
+    if len(images) > 1:
+        vol.notes.append(f"picked {what} '{best}' of {len(images)} candidates ({listing}); "
+                         "set `key` to choose")
+    return best
+
+
+class _ZarrVolume(_ArrayVolume):
+    """Zarr v2/v3 and OME-Zarr 0.4/0.5 (multiscales: `scale_level`, axes, scale -> nm)."""
+
+    reader = "zarr"
+    options = frozenset({"axes", "channel", "key", "scale_level"})
+
+    def _open(self) -> None:
+        import zarr
+
+        node = zarr.open(self.path, mode="r")
+        key = (self.spec.key or "").strip("/")
+        if key and isinstance(node, zarr.Group):
+            members = dict(node.members(max_depth=None))
+            if isinstance(members.get(key), zarr.Group):
+                node = members[key]  # e.g. one OME image inside a bigger store
+            else:
+                node = members[_pick_array(self, key, _zarr_arrays(members), "array")]
+        attrs = dict(node.attrs) if isinstance(node, zarr.Group) else {}
+        multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+        if multiscales:
+            self._open_ome(node, multiscales[0])
+            return
+        if self.spec.scale_level:
+            raise self._fail(f"scale_level {self.spec.scale_level} requested but there is no "
+                             "OME multiscales metadata")
+        if isinstance(node, zarr.Group):
+            members = dict(node.members(max_depth=None))
+            node = members[_pick_array(self, None, _zarr_arrays(members), "array")]
+        self._setup_array(node, None, chunks=_zarr_chunks(node))
+        self._set_voxel_size(None)
+
+    def _open_ome(self, group: Any, ms: dict) -> None:
+        datasets, level = ms["datasets"], self.spec.scale_level
+        if level >= len(datasets):
+            raise self._fail(f"scale_level {level} out of range: levels 0..{len(datasets) - 1}")
+        arr = group[datasets[level]["path"]]
+        named = [a if isinstance(a, str) else a.get("name", "") for a in ms.get("axes", [])]
+        axes = "".join(n.lower() for n in named) if named and all(len(n) == 1 for n in named) else None
+        self._setup_array(arr, axes if axes and len(axes) == arr.ndim else None, chunks=_zarr_chunks(arr))
+        scale = np.ones(arr.ndim)
+        transforms = datasets[level].get("coordinateTransformations", [])
+        for transform in transforms + ms.get("coordinateTransformations", []):  # level, then global
+            if transform.get("type") == "scale" and len(transform.get("scale", [])) == arr.ndim:
+                scale = scale * np.asarray(transform["scale"], dtype=float)
+        units = [_unit_nm(a.get("unit")) if isinstance(a, dict) else None for a in ms.get("axes", [])]
+        units = units if len(units) == arr.ndim else [None] * arr.ndim
+        if any(u is None for a, u in zip(self._axes, units) if a in "zyx"):
+            self.notes.append("OME-Zarr axes give no (known) space units; voxel size unknown")
+            self._set_voxel_size(None)
+            return
+        nm = {a: s * u for a, s, u in zip(self._axes, scale, units) if a in "zyx"}
+        self._voxel_from_axes(nm, "OME-Zarr metadata")
+
+
+def _zarr_arrays(members: dict) -> dict[str, tuple]:
+    import zarr
+
+    return {k: (a.shape, a.dtype) for k, a in members.items() if isinstance(a, zarr.Array)}
+
+
+def _zarr_chunks(arr: Any) -> tuple[int, ...]:
+    """Preferred read block: the shard (one stored object) if sharded, else the chunk."""
+    return getattr(arr, "shards", None) or arr.chunks
+
+
+# --------------------------------------------------------------------------- page/slice formats
+
+
+class _FolderStack(Volume):
+    """A folder of same-shape 2D images (natural sort: iso.2.png before iso.10.png) as one volume;
+    headers are checked at open, a z-range decodes only its files."""
+
+    reader = "folder"
+    options = frozenset({"channel", "stack"})
+
+    def _open(self) -> None:
+        if not os.path.isdir(self.path):
+            raise self._fail("stack=True needs a folder of 2D images, but this is not a folder")
+        names = [n for n in natural_sorted(os.listdir(self.path)) if not n.startswith(".")
+                 and os.path.isfile(os.path.join(self.path, n))]
+        self.files = [os.path.join(self.path, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+        if not self.files:
+            raise self._fail("folder contains no 2D image files (png, jpg, jpeg, tif, tiff)")
+        if len(self.files) < len(names):
+            self.notes.append(f"ignored {len(names) - len(self.files)} non-image file(s)")
+        first = None
+        for f in self.files:
+            shape, dtype = _probe_2d(f)
+            if first is None:
+                first = (shape, dtype, f)
+            elif (shape, dtype) != first[:2]:
+                name, first_name = os.path.basename(f), os.path.basename(first[2])
+                raise self._fail(f"slice '{name}' is {shape} {dtype} but '{first_name}' is {first[0]} "
+                                 f"{first[1]}; all slices of a stack must share shape and dtype")
+        assert first is not None
+        self.shape, self.dtype = (len(self.files), *first[0]), first[1]  # type: ignore[assignment]
+        self.is_volume, self.chunk_zyx = True, (1, *first[0])  # type: ignore[assignment]
+        self._set_voxel_size(None)
+
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        planes = []
+        for k in range(z.start, z.stop, z.step):
+            with open_volume(SourceSpec(self.files[k], channel=self.spec.channel)) as v:
+                planes.append(v.read(slice(None), y, x)[0])
+        return np.stack(planes)
+
+
+def _probe_2d(path: str) -> tuple[tuple[int, int], np.dtype]:
+    """(y, x) and grey dtype of a 2D image file from its header; ReaderError if unreadable / 3D."""
+    try:
+        if path.lower().endswith((".tif", ".tiff")):
+            with open_volume(path) as v:
+                if v.is_volume:
+                    raise ReaderError(path, f"is a {v.shape[0]}-slice volume, not a 2D image")
+                return v.shape[1:], v.dtype  # type: ignore[return-value]
+        return _pil_probe(path)
+    except ReaderError:
+        raise
+    except Exception as e:
+        raise ReaderError(path, f"unreadable image header ({type(e).__name__}: {e})") from e
+
+
+class _VideoVolume(Volume):
+    """AVI / MP4 / MOV / MKV via PyAV: frames are z, converted to grey (RGB pixel formats with the
+    exact 601 luma). Frames are counted by demuxing packets, since headers often omit or misstate
+    the count; reads decode forward from the last position and restart only to go back."""
+
+    reader = "video"
+    _container: Any = None
+
+    def _open(self) -> None:
+        import av
+
+        with av.open(self.path) as container:
+            if not container.streams.video:
+                raise self._fail("has no video stream")
+            stream = container.streams.video[0]
+            pix = stream.codec_context.pix_fmt or ""
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+        if n == 0:
+            raise self._fail("empty volume: the video has no frames")
+        self._format = ("gray16le" if pix.startswith("gray") and pix not in ("gray", "gray8") else
+                        "rgb24" if pix.startswith(("rgb", "bgr", "argb", "abgr", "gbr")) else "gray")
+        self._restart()
+        first = self._frame(0)
+        self.shape, self.chunk_zyx = (n, *first.shape), (1, *first.shape)  # type: ignore[assignment]
+        self.dtype, self.is_volume = first.dtype, True
+        self._set_voxel_size(None)
+
+    def _restart(self) -> None:
+        import av
+
+        self.close()
+        self._container = av.open(self.path)
+        self._closers.append(self._container)
+        self._decoder = self._container.decode(self._container.streams.video[0])
+        self._next, self._last = 0, None
+
+    def _frame(self, i: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        if i < self._next:
+            self._restart()
+        while self._next <= i:
+            frame = next(self._decoder, None)
+            if frame is None:
+                raise self._fail(f"video ended after {self._next} decodable frames; frame {i} was asked for")
+            self._next += 1
+        grey = frame.to_ndarray(format=self._format)
+        grey = _luma(grey) if self._format == "rgb24" else grey
+        self._last = (i, grey)
+        return grey
+
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        return np.stack([self._frame(i)[y, x] for i in range(z.start, z.stop, z.step)])
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _is_zarr_dir(path: Path) -> bool:
+    return path.is_dir() and (
+        path.name.lower().endswith(".zarr")
+        or any((path / m).is_file() for m in ("zarr.json", ".zgroup", ".zarray"))
+    )
+
+
+def reader_for(path: str | os.PathLike) -> type[Volume] | str:
+    """The reader class for ``path``, or a one-sentence reason why there is none."""
+    p = Path(path)
+    if p.is_dir():
+        return _ZarrVolume if _is_zarr_dir(p) else _FolderStack
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return _NiftiVolume
+    base, outer = os.path.splitext(name)
+    compressed = outer in (".gz", ".bz2", ".xz", ".zip")
+    inner = os.path.splitext(base)[1] if compressed else outer
+    if inner in _MRC_EXTS and outer not in (".xz", ".zip"):  # mrcfile reads .gz / .bz2 itself
+        return _MrcVolume
+    if compressed:
+        return f"compressed file ('{outer}'): decompress it first" + (f" (a '{inner}' inside)" if inner else "")
+    table = {".png": _PilImage, ".jpg": _PilImage, ".jpeg": _PilImage, ".tif": _TiffVolume,
+             ".tiff": _TiffVolume, ".nrrd": _NrrdVolume, ".nhdr": _NrrdVolume, ".h5": _HdfVolume,
+             ".hdf5": _HdfVolume, ".hdf": _HdfVolume, **{e: _VideoVolume for e in _VIDEO_EXTS}}
+    if outer in table:
+        return table[outer]
+    return f"unknown file type '{outer}'" if outer else "file has no extension; type unknown"
+
+
+def open_volume(spec: SourceSpec | str | os.PathLike) -> Volume:
+    """Open one source (a SourceSpec or a path) with the reader its extension / content calls for.
+
+    A folder is a zarr store if it looks like one, else a stack of 2D slices. Raises ReaderError.
+    """
+    if not isinstance(spec, SourceSpec):
+        spec = SourceSpec(os.fspath(spec))
+    p = Path(spec.path)
+    if not p.exists():
+        raise ReaderError(spec.path, "does not exist")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ReaderError(spec.path, "empty file (0 bytes)")
+    cls = reader_for(p)
+    if isinstance(cls, str):
+        raise ReaderError(spec.path, cls)
+    if spec.stack and cls is not _FolderStack:
+        raise ReaderError(spec.path, "stack=True needs a folder of 2D images")
+    try:
+        return cls(spec)
+    except ReaderError:
+        raise
+    except Exception as e:  # library errors -> one sentence naming the file and the problem
+        raise ReaderError(spec.path, f"unreadable {cls.reader} source, truncated or corrupt? "
+                                     f"({type(e).__name__}: {e})".replace("\n", " ")) from e
+
+
+def describe(volume: Volume) -> dict:
+    """JSON-able summary of an opened volume for reports."""
+    return {
+        "name": volume.name,
+        "path": volume.path,
+        "reader": volume.reader,
+        "shape": list(volume.shape),
+        "dtype": str(volume.dtype),
+        "voxel_size": list(volume.voxel_size) if volume.voxel_size else None,
+        "voxel_size_from": volume.voxel_size_from,
+        "is_volume": volume.is_volume,
+        "chunk_zyx": list(volume.chunk_zyx),
+        "notes": list(volume.notes),
+    }
+
+
+def discover(
+    paths: Sequence[str | os.PathLike], *, stack_folders: bool = False
+) -> tuple[list[SourceSpec], list[tuple[str, str]]]:
+    """Expand files and folders (recursively) into sources, in a deterministic (natural) order.
+
+    Each readable file is one source; a zarr folder is one source (not descended into); with
+    ``stack_folders`` a folder whose readable files are >= 2 same-shape 2D images becomes one
+    stacked volume. Returns ``(specs, skipped)`` with ``skipped = [(path, problem)]`` for
+    missing paths, empty files and unknown / compressed file types. Files are not decoded.
+    """
+    specs: list[SourceSpec] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()  # sources added (real paths): overlapping inputs give each once
+    walked: set[str] = set()  # folders visited: guards against symlink loops
+
+    dataset: str | None = None  # the folder argument being walked: its sources form one dataset
+
+    def add(path: Path, stack: bool = False) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            specs.append(SourceSpec(str(path), stack=stack, dataset=dataset))
+
+    def visit_file(path: Path) -> bool:
+        problem = reader_for(path)
+        if not isinstance(problem, str) and path.stat().st_size == 0:
+            problem = "empty file (0 bytes)"
+        if isinstance(problem, str):
+            skipped.append((str(path), problem))
+            return False
+        return True
+
+    def walk(folder: Path) -> None:
+        if os.path.realpath(folder) in walked:
+            return  # symlink loop or folder given twice
+        walked.add(os.path.realpath(folder))
+        entries = [folder / n for n in natural_sorted(os.listdir(folder)) if not n.startswith(".")]
+        files = [e for e in entries if e.is_file() and visit_file(e)]
+        if stack_folders and _stackable(files):
+            add(folder, stack=True)
+        else:
+            for f in files:
+                add(f)
+        for d in (e for e in entries if e.is_dir()):
+            if _is_zarr_dir(d):
+                add(d)
+            else:
+                walk(d)
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            skipped.append((str(p), "does not exist"))
+        elif _is_zarr_dir(p):
+            add(p)
+        elif p.is_dir():
+            dataset = default_name(p)
+            walk(p)
+            dataset = None
+        elif visit_file(p):
+            add(p)
+    return assign_names(specs), skipped
+
+
+def _stackable(files: list[Path]) -> bool:
+    """>= 2 files, all 2D images with one shape and dtype (headers only)."""
+    if len(files) < 2 or not all(f.name.lower().endswith(IMAGE_EXTS) for f in files):
+        return False
+    try:
+        return len({_probe_2d(str(f)) for f in files}) == 1
+    except ReaderError:
+        return False
