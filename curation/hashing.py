@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 HASH_SIZE = 8
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's ImagingResample for 8-bit images
@@ -64,8 +65,9 @@ def _lanczos(x: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's fixed-point LANCZOS coefficients as an (in_size, out_size) integer-valued matrix."""
-    support_base = 3.0
+    """Pillow's fixed-point LANCZOS coefficients (``precompute_coeffs`` + ``normalize_coeffs_8bpc``)
+    as an (in_size, out_size) integer-valued float64 matrix."""
+    fn, support_base = _lanczos, 3.0
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = support_base * filterscale
@@ -75,7 +77,7 @@ def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), in_size)
         taps = np.arange(xmin, xmax, dtype=np.float64)
-        weights = _lanczos((taps - center + 0.5) / filterscale)
+        weights = fn((taps - center + 0.5) / filterscale)
         total = weights.sum()
         if total != 0.0:
             weights = weights / total
@@ -92,8 +94,8 @@ def _clip8(acc: np.ndarray) -> np.ndarray:
 
 
 def _resize_to_full(patch: np.ndarray, patch_size: int) -> np.ndarray:
-    if patch.shape == (patch_size, patch_size):
-        return patch  # Pillow returns an identical copy for a same-size resize
+    # Pillow itself for this step: BILINEAR has two taps, so its sparse loop beats a dense
+    # matrix product, and only truncated edge patches need it.
     image = Image.fromarray(np.ascontiguousarray(patch)).resize(
         (patch_size, patch_size), resample=Image.Resampling.BILINEAR
     )
@@ -116,23 +118,30 @@ def dhash_batch(
     patches = np.asarray(patches)
     if patches.ndim != 3 or patches.dtype != np.uint8:
         raise ValueError(f"expected uint8 patches of shape (N, P, P), got {patches.dtype} {patches.shape}")
+    # One BLAS thread: these products are tiny, and a threaded BLAS competing with our worker
+    # processes for the cores was measured 15x slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _dhash_chunks(patches, sizes, patch_size or patches.shape[1])
+
+
+def _dhash_chunks(patches: np.ndarray, sizes: np.ndarray | None, patch_size: int) -> np.ndarray:
     n, ph, pw = patches.shape
-    patch_size = patch_size or ph
     out = np.zeros(n, dtype=np.uint64)
     horizontal_matrix = _lanczos_matrix(patch_size, HASH_SIZE + 1)  # (P, 9)
     vertical_matrix_t = _lanczos_matrix(patch_size, HASH_SIZE).T.copy()  # (8, P)
+    true_sizes = np.tile([ph, pw], (n, 1)) if sizes is None else np.asarray(sizes).reshape(n, 2)
+    full_size = (true_sizes == patch_size).all(1) & (ph == patch_size) & (pw == patch_size)
     # Small chunks keep the float64 working set in cache: 3-5x faster than one big product.
     chunk = 16
     buffer = np.empty((chunk, patch_size, patch_size), dtype=np.float64)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         block = buffer[: stop - start]
-        for j, i in enumerate(range(start, stop)):
-            h, w = (ph, pw) if sizes is None else (int(sizes[i][0]), int(sizes[i][1]))
-            if (h, w) == (patch_size, patch_size) and (ph, pw) == (h, w):
-                block[j] = patches[i]
-            else:
-                block[j] = _resize_to_full(patches[i, :h, :w], patch_size)
+        block[:] = patches[start:stop] if (ph, pw) == (patch_size, patch_size) else 0
+        # Truncated edge patches are first resized to P x P, as CEM500K does.
+        for i in start + np.nonzero(~full_size[start:stop])[0]:
+            h, w = true_sizes[i]
+            block[i - start] = _resize_to_full(patches[i, :h, :w], patch_size)
         # Pillow resamples horizontally first (to 9 columns) and rounds to uint8, then vertically.
         horizontal = _clip8(block.reshape(-1, patch_size) @ horizontal_matrix)
         small = _clip8(np.matmul(vertical_matrix_t, horizontal.reshape(-1, patch_size, HASH_SIZE + 1)))

@@ -132,8 +132,14 @@ def run_unit(unit: Unit) -> UnitResult:
         staged = np.load(unit.staging, mmap_mode="r")
         dim = AXIS_DIM[unit.kind]
         wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
-        take = (lambda i: staged[:, i, :]) if unit.kind == "xz" else (lambda i: staged[:, :, i])
-        result = _cut(unit, [(i, np.ascontiguousarray(take(i))) for i in wanted], unit.kind)
+        # Read the slab once with long contiguous runs, then put the cut axis first in memory:
+        # plane-by-plane strided reads of a memmap (one byte per row for yz) are ~50x slower.
+        if unit.kind == "xz":
+            slab = np.ascontiguousarray(staged[:, unit.start : unit.stop, :].transpose(1, 0, 2))
+        else:
+            slab = np.ascontiguousarray(staged[:, :, unit.start : unit.stop].transpose(2, 0, 1))
+        del staged
+        result = _cut(unit, [(i, slab[i - unit.start]) for i in wanted], unit.kind)
     result.seconds = time.perf_counter() - t0
     return result
 
