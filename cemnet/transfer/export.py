@@ -1,0 +1,38 @@
+"""``cemnet export``: backbone-only weights with clean timm names, as safetensors.
+
+The export holds exactly the tensors of ``timm.create_model(arch, num_classes=0)`` (no
+``backbone.``/``module.``/``_orig_mod.`` prefixes, no momentum encoder, heads or classifier) and
+the :class:`~cemnet.transfer.meta.EncoderMeta` fields in the safetensors header.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cemnet.transfer.convert import EncoderWeights, read_weights
+
+
+def save_encoder(weights: EncoderWeights, out: str | Path) -> Path:
+    """Write ``weights`` to ``out`` (.safetensors), atomically: a crash leaves no half file."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage (views, tied weights); own copies are safe.
+    tensors = {k: v.detach().contiguous().clone() for k, v in weights.state_dict.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=weights.meta.to_safetensors())
+    os.replace(tmp, out)
+    return out
+
+
+def export_encoder(run_or_ckpt: str | Path, out: str | Path, arch: str | None = None) -> EncoderWeights:
+    """Export the encoder of a run folder or checkpoint (any format :mod:`convert` reads) to ``out``.
+
+    A run folder resolves to ``checkpoints/last.ckpt``, else its newest ``*.ckpt``. Returns the
+    converted weights, whose :meth:`~EncoderWeights.describe` says what was kept and dropped.
+    """
+    weights = read_weights(run_or_ckpt, arch=arch)
+    save_encoder(weights, out)
+    return weights
