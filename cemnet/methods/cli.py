@@ -1,0 +1,142 @@
+"""``cemnet pretrain``: LightningCLI over the pretraining methods and data modules.
+
+    cemnet pretrain --config experiments/tiny_mocov2_cpu.yaml            # 'fit' is the default
+    cemnet pretrain fit --config experiments/cem500k_mocov2_resnet50.yaml --data.corpus /data/cem500k
+    cemnet pretrain --config ... --resume                                 # continue runs/<...>/checkpoints/last.ckpt
+    cemnet pretrain --config ... --wandb                                  # + W&B (offline unless --wandb_mode online)
+
+Models and data modules are chosen by class path (subclass mode), e.g. ``--model
+cemnet.methods.mocov2.MoCoV2`` or ``--model cemnet.methods.mgmr.MGMR2D``; nothing beyond MoCoV2 is
+imported up front, so a method's dependencies load only when it is used.
+
+Every run writes into ``--run_dir``: ``checkpoints/`` (every ``--checkpoint_every_n_steps`` optimizer
+steps, plus ``last.ckpt``), ``csv/metrics.csv`` and ``csv/config.yaml`` (always), ``wandb/`` (when
+asked) and ``samples/`` (augmented view pairs, when no image-capable logger is attached).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse import ActionYesNo
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Registered so that short names (--model MoCoV2, --model MGMR2D) resolve; a module that is missing
+# or broken only loses its short name, its class path still works or fails with its own error.
+_OPTIONAL_MODULES = ("cemnet.methods.mocov2", "cemnet.methods.mgmr", "cemnet.data.datamodule", "cemnet.data.subvolumes")
+
+
+def _register_known_classes() -> None:
+    for name in _OPTIONAL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI with cemnet's run folder, loggers, checkpointing, divergence guard and resume."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/pretrain", help="run folder (checkpoints, logs, samples)")
+        parser.add_argument("--resume", action=ActionYesNo, default=False, help="continue from RUN_DIR/checkpoints/last.ckpt if it exists")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000, help="checkpoint every N optimizer steps (+ last.ckpt)")
+        parser.add_argument("--checkpoint_keep", type=int, default=-1, help="periodic checkpoints kept (-1: all; last.ckpt always)")
+        parser.add_argument("--samples_every_n_steps", type=int, default=1000, help="log augmented view pairs every N steps (0: never)")
+        parser.add_argument("--wandb", action=ActionYesNo, default=False, help="also log to Weights & Biases")
+        parser.add_argument("--wandb_project", type=str, default="cemnet", help="W&B project")
+        parser.add_argument("--wandb_mode", type=str, default="offline", help="W&B mode: offline (default, sync later with `wandb sync`) or online")
+
+    def _cfg(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        if cfg.get("resume") and self.subcommand == "fit" and not cfg.get("ckpt_path"):  # explicit --ckpt_path wins
+            run_dir = Path(cfg.run_dir)
+            # last.ckpt, or a newer checkpoint Lightning wrote on a SLURM preemption signal
+            found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+            if found:
+                cfg.ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+                print(f"cemnet pretrain: resuming from {cfg.ckpt_path}", file=sys.stderr)
+            else:
+                print(f"cemnet pretrain: --resume but no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run_dir = Path(cfg.run_dir)
+        trainer_cfg = cfg.get("trainer", {})
+        if trainer_cfg.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(run_dir)
+        if trainer_cfg.get("logger") in (None, True):
+            loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+            if cfg.get("wandb"):
+                from pytorch_lightning.loggers import WandbLogger
+
+                loggers.append(
+                    WandbLogger(
+                        project=cfg.wandb_project, name=run_dir.name, save_dir=str(run_dir),
+                        offline=cfg.wandb_mode != "online", resume="allow",
+                    )
+                )
+            kwargs["logger"] = loggers
+        ours: list[pl.Callback] = [
+            DivergenceGuard(),
+            ImagesPerSecond(),
+            ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"),
+                filename="step{step:08d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+                save_last=True,
+                save_top_k=cfg.checkpoint_keep,
+                monitor="step",
+                mode="max",
+            ),
+        ]
+        if cfg.samples_every_n_steps > 0:
+            ours.append(PairSampleLogger(every_n_steps=cfg.samples_every_n_steps, dirpath=str(run_dir)))
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, extra + ours)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cemnet pretrain``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv = ["fit", *argv]  # `fit` is the default subcommand
+    _register_known_classes()
+    # we pass argv explicitly (so `cemnet pretrain ...` works) but leave sys.argv intact, because
+    # Lightning's DDP launcher re-executes sys.argv for ranks > 0
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        PretrainCLI(
+            model_class=pl.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+            args=argv,
+        )
+    except DivergenceError as err:
+        print(f"cemnet pretrain: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

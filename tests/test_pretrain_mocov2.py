@@ -1,0 +1,365 @@
+"""MoCoV2: loss, queue, training on real patches, resume, accumulation, checkpoints, guard, CLI.
+
+Runs on the session's ``small_corpus`` (real curated EM patches) with resnet18 at 32-48 px, so the
+whole file stays well under a minute on two shared cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from cemnet.data.augment import AugmentConfig
+from cemnet.data.datamodule import ArrayCorpus, EMPatchDataModule
+from cemnet.methods.common import (
+    DivergenceError,
+    DivergenceGuard,
+    ImagesPerSecond,
+    PairSampleLogger,
+    clean_state_dict_keys,
+    lr_factor,
+)
+from cemnet.methods.losses import info_nce_queue
+from cemnet.methods.memory_bank import KeyQueue
+from cemnet.methods.mocov2 import MoCoV2
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT = {"arch", "in_chans", "mean", "std", "method", "corpus_fingerprint", "epochs", "global_step",
+            "spatial_dims", "arch_kwargs"}
+
+
+@pytest.fixture(scope="module")
+def corpus(small_corpus):
+    from curation.corpus import open_corpus
+
+    return open_corpus(small_corpus)
+
+
+def _dm(corpus, crop=32, batch_size=16, **kw) -> EMPatchDataModule:
+    kw.setdefault("num_workers", 0)
+    return EMPatchDataModule(corpus, batch_size=batch_size, augment=AugmentConfig(crop_size=crop), **kw)
+
+
+def _model(**kw) -> MoCoV2:
+    kw = {"arch": "resnet18", "queue_size": 64, "lr_batch_size": 16, **kw}
+    return MoCoV2(**kw)
+
+
+def _trainer(tmp_path=None, **kw) -> pl.Trainer:
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    if tmp_path is not None:
+        base["default_root_dir"] = str(tmp_path)
+    base.update(kw)
+    if any(isinstance(c, ModelCheckpoint) for c in base.get("callbacks", [])):
+        base["enable_checkpointing"] = True
+    return pl.Trainer(**base)
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+def test_info_nce_queue_matches_cross_entropy_and_stays_fp32_under_bf16():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    queue = F.normalize(torch.randn(32, 16, generator=g), dim=1)
+    loss, st = info_nce_queue(q, k, queue, 0.2)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.T], 1) / 0.2
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(8, dtype=torch.long)))
+    assert st["acc_top1"] == (logits.argmax(1) == 0).float().mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf, _ = info_nce_queue(q.bfloat16(), k.bfloat16(), queue, 0.2)
+    assert loss_bf.dtype == torch.float32
+    ref, _ = info_nce_queue(q.bfloat16().float(), k.bfloat16().float(), queue, 0.2)
+    torch.testing.assert_close(loss_bf, ref)
+
+
+def test_key_queue_is_a_persistent_ring():
+    qu = KeyQueue(8, 4)
+    assert {"keys", "ptr", "n_enqueued"} <= set(qu.state_dict())  # in checkpoints (lightly's is not)
+    a, b = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)
+    qu.enqueue(a)
+    assert int(qu.ptr) == 5 and qu.stats()["fill"] == pytest.approx(5 / 8)
+    qu.enqueue(b)  # wraps: rows 5, 6, 7, 0, 1
+    assert int(qu.ptr) == 2 and int(qu.n_enqueued) == 10 and qu.stats()["fill"] == 1.0
+    torch.testing.assert_close(qu.keys[5:], b[:3])
+    torch.testing.assert_close(qu.keys[:2], b[3:])
+    torch.testing.assert_close(qu.keys[2:5], a[2:])
+    same = KeyQueue(6, 4)
+    same.enqueue(F.normalize(torch.ones(4, 4), dim=1))
+    assert same.stats()["key_cos"] == pytest.approx(1.0, abs=1e-5)  # collapsed keys -> cosine 1
+
+
+def test_lr_schedules():
+    # CEM500K: x0.1 at epochs 120 and 160 of 200, applied at whole epochs
+    assert lr_factor(119.99, "step", 200, (120, 160)) == 1.0
+    assert lr_factor(120.0, "step", 200, (120, 160)) == pytest.approx(0.1)
+    assert lr_factor(165.5, "step", 200, (120, 160)) == pytest.approx(0.01)
+    assert lr_factor(0, "cosine", 200) == 1.0 and lr_factor(100, "cosine", 200) == pytest.approx(0.5)
+    assert lr_factor(200, "cosine", 200) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0.5, "constant", 10, warmup_epochs=1.0) == pytest.approx(0.5)
+
+
+# -- training on real patches -------------------------------------------------------------------
+def test_few_steps_on_cpu_log_queue_logits_throughput_and_view_pairs(corpus, tmp_path):
+    pl.seed_everything(0)
+    dm = _dm(corpus, augment_on_device=True)  # the on-device path, on the CPU "device"
+    model = _model(lr=0.03)
+    trainer = _trainer(
+        tmp_path, max_steps=4, logger=CSVLogger(tmp_path, name="csv", version=""), log_every_n_steps=1,
+        callbacks=[DivergenceGuard(), ImagesPerSecond(window=2), PairSampleLogger(every_n_steps=2, num_pairs=4)],
+    )
+    trainer.fit(model, dm)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    cols = set(rows[0])
+    for name in ("train/loss", "train/lr", "train/queue_fill", "train/queue_key_cos", "train/logit_pos",
+                 "train/logit_neg", "train/acc_top1", "train/images_per_s"):
+        assert name in cols, name
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert float([r for r in rows if r.get("train/lr")][0]["train/lr"]) == pytest.approx(0.03)  # 0.03 * 16 / 16
+    assert int(model.memory_bank.n_enqueued) == 4 * 16 and int(model.memory_bank.ptr) == 0
+    fills = [float(r["train/queue_fill"]) for r in rows if r.get("train/queue_fill")]
+    assert fills == [0.25, 0.5, 0.75, 1.0]
+    pngs = sorted((tmp_path / "samples").glob("view_pairs_step*.png"))
+    assert [p.name for p in pngs] == ["view_pairs_step00000001.png", "view_pairs_step00000003.png"]
+    assert model.mean == pytest.approx(corpus.mean) and model.corpus_fingerprint == corpus.fingerprint
+
+
+def test_loss_decreases_when_overfitting_a_small_set(corpus):
+    """16 real patches, views differing by flips (full-patch crops): memorisation must work.
+
+    Full CEM500K augmentation needs far more than a test's steps to move the loss; this checks that
+    the optimisation path (gradients, momentum encoder, queue) learns at all. Lenient: -20%.
+    """
+    pl.seed_everything(0)
+    x, sizes = corpus.get_padded(np.linspace(0, len(corpus) - 1, 16).astype(int))
+    small = ArrayCorpus(x, sizes, mean=corpus.mean, std=corpus.std)
+    aug = AugmentConfig(crop_size=48, crop_scale=(1.0, 1.0), rotation_p=0.0, brightness=0.0, contrast=0.0,
+                        blur_p=0.0, noise_p=0.0)
+    dm = EMPatchDataModule(small, batch_size=16, num_workers=0, augment=aug)
+    model = _model(queue_size=16, lr=0.06, key_momentum=0.99, schedule="constant")
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    _trainer(max_steps=32, callbacks=[Record()]).fit(model, dm)
+    early, late = np.mean(losses[1:9]), np.mean(losses[-8:])  # step 0 still sees the random initial queue
+    print(f"overfit loss {early:.3f} -> {late:.3f}")
+    assert late < 0.8 * early, f"loss did not decrease: {early:.3f} -> {late:.3f}"
+
+
+def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    seen_a: list[list[int]] = []
+    at_step3: dict[str, torch.Tensor] = {}
+
+    class RecordA(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen_a.append(batch["index"].tolist())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                mb = pl_module.memory_bank
+                opt = trainer.optimizers[0]
+                p0 = next(p for p in pl_module.parameters() if p.requires_grad)
+                at_step3.update(keys=mb.keys.clone(), ptr=mb.ptr.clone(), n=mb.n_enqueued.clone(),
+                                buf=opt.state[p0]["momentum_buffer"].clone(), lr=torch.tensor(opt.param_groups[0]["lr"]),
+                                kenc=next(pl_module.backbone_momentum.parameters()).clone())
+
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=3, save_top_k=-1, save_last=True)
+    model_a = _model(schedule="cosine")
+    _trainer(tmp_path, max_steps=6, callbacks=[RecordA(), ckpt]).fit(model_a, _dm(corpus, seed=11))
+    assert (ckpt_dir / "step=3.ckpt").is_file() and int(at_step3["ptr"]) == 48
+
+    restored: dict[str, torch.Tensor] = {}
+    seen_b: list[list[int]] = []
+
+    class RecordB(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            mb = pl_module.memory_bank
+            opt = trainer.optimizers[0]
+            p0 = next(p for p in pl_module.parameters() if p.requires_grad)
+            restored.update(keys=mb.keys.clone(), ptr=mb.ptr.clone(), n=mb.n_enqueued.clone(),
+                            buf=opt.state[p0]["momentum_buffer"].clone(), lr=torch.tensor(opt.param_groups[0]["lr"]),
+                            kenc=next(pl_module.backbone_momentum.parameters()).clone())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen_b.append(batch["index"].tolist())
+
+    pl.seed_everything(123)  # a different seed: the data order must come from the checkpoint, not luck
+    model_b = _model(schedule="cosine")
+    trainer_b = _trainer(tmp_path, max_steps=6, callbacks=[RecordB()])
+    trainer_b.fit(model_b, _dm(corpus, seed=11), ckpt_path=str(ckpt_dir / "step=3.ckpt"))
+    for key in ("keys", "ptr", "n", "buf", "kenc"):
+        assert torch.equal(restored[key], at_step3[key]), f"{key} not restored bit-for-bit"
+    assert restored["lr"] == at_step3["lr"]
+    assert seen_b == seen_a[3:6], "resume must continue with the 4th batch of the epoch"
+    assert trainer_b.global_step == 6 and int(model_b.memory_bank.n_enqueued) == 6 * 16
+
+
+def test_momentum_encoder_moves_only_on_optimizer_steps(corpus):
+    changes: dict[int, bool] = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = [p.clone() for p in pl_module.backbone_momentum.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = list(pl_module.backbone_momentum.parameters())
+            changes[batch_idx] = any(not torch.equal(a, b) for a, b in zip(self.before, after))
+
+    pl.seed_everything(0)
+    _trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[Watch()]).fit(_model(), _dm(corpus, batch_size=8))
+    assert sorted(changes) == [0, 1, 2, 3, 4, 5]
+    assert not changes[1] and not changes[3] and not changes[5], "key encoder moved on a non-stepping micro-batch"
+    assert changes[2] and changes[4], "key encoder must move once after each optimizer step"
+
+
+def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
+    pl.seed_everything(0)
+    model = _model()
+    trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(model, _dm(corpus))
+    ck = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    meta = ck["cemnet"]
+    assert set(meta) == CONTRACT
+    assert meta["arch"] == "resnet18" and meta["in_chans"] == 1 and meta["method"] == "mocov2"
+    assert meta["mean"] == pytest.approx(corpus.mean) and meta["std"] == pytest.approx(corpus.std)
+    assert meta["corpus_fingerprint"] == corpus.fingerprint and meta["global_step"] == 2 and meta["spatial_dims"] == 2
+    sd = ck["state_dict"]
+    assert not [k for k in sd if "_orig_mod" in k or k.startswith(("model.", "module.", "_forward_module."))]
+    assert {k.split(".")[0] for k in sd} == {"backbone", "backbone_momentum", "projection_head",
+                                            "projection_head_momentum", "memory_bank"}
+    fresh = timm.create_model("resnet18", in_chans=1, num_classes=0)
+    fresh.load_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
+
+    # torch.compile: nn.Module.compile() (what compile=True does) keeps keys clean by construction
+    compiled = _model(compile=True)
+    compiled.setup("fit")
+    assert compiled.backbone._compiled_call_impl is not None
+    assert not [k for k in compiled.state_dict() if "_orig_mod" in k]
+    # a backbone wrapped by torch.compile(...) is stripped on save and remapped on load
+    wrapped = _model()
+    wrapped.backbone = torch.compile(wrapped.backbone, backend="eager")
+    assert any("_orig_mod" in k for k in wrapped.state_dict())
+    ckpt = {"state_dict": wrapped.state_dict(), "epoch": 0, "global_step": 0}
+    wrapped.on_save_checkpoint(ckpt)
+    assert not [k for k in ckpt["state_dict"] if "_orig_mod" in k] and ckpt["cemnet"]["arch"] == "resnet18"
+    fresh.load_state_dict({k[9:]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}, strict=True)
+    again = _model()
+    again.backbone = torch.compile(again.backbone, backend="eager")
+    back = {"state_dict": dict(ckpt["state_dict"]), "cemnet": ckpt["cemnet"]}
+    again.on_load_checkpoint(back)
+    again.load_state_dict(back["state_dict"], strict=True)
+    assert clean_state_dict_keys({"a._orig_mod.b": 1}) == {"a.b": 1}
+
+
+def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    class Diverging(MoCoV2):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            if self.global_step == 3:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    pl.seed_everything(0)
+    model = Diverging(arch="resnet18", queue_size=64, lr_batch_size=16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    with pytest.raises(DivergenceError, match="non-finite loss .* global step 3"):
+        _trainer(tmp_path, max_steps=10, callbacks=[DivergenceGuard(), ckpt]).fit(model, _dm(corpus))
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "no optimizer step after the NaN"
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, monkeypatch):
+    from cemnet.methods.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    common = ["--config", str(REPO / "experiments/tiny_mocov2_cpu.yaml"), "--run_dir", str(run),
+              "--data.init_args.corpus", str(small_corpus), "--data.init_args.num_workers", "0",
+              "--data.init_args.augment.crop_size", "32", "--data.init_args.batch_size", "16",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--checkpoint_every_n_steps", "2", "--samples_every_n_steps", "2", "--trainer.log_every_n_steps", "1"]
+    assert main([*common, "--trainer.max_steps", "2"]) == 0
+    assert (run / "checkpoints" / "step00000002.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "config.yaml").is_file()
+    assert list((run / "samples").glob("*.png"))
+    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 2 and first["cemnet"]["method"] == "mocov2"
+    assert main(["fit", *common, "--trainer.max_steps", "4", "--resume"]) == 0
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 4
+    assert int(resumed["state_dict"]["memory_bank.n_enqueued"]) == 4 * 16  # the queue carried over
+
+
+def test_cli_exposes_mgmr_by_class_path(capsys):
+    from cemnet.methods.cli import main
+
+    for name in ("cemnet.methods.mgmr.MGMR2D", "MGMR3D", "MoCoV2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", name, "--data", "cemnet.data.datamodule.EMPatchDataModule", "--data.corpus", "x",
+                  "--print_config"])
+        assert exit_info.value.code in (0, None)
+        out = capsys.readouterr().out
+        assert "class_path: cemnet.methods." in out
+
+
+def test_paper_config_parses_to_cem500k_settings(capsys):
+    import yaml
+
+    from cemnet.methods.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "experiments/cem500k_mocov2_resnet50.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    m, d, t = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert (m["arch"], m["queue_size"], m["key_momentum"], m["temperature"]) == ("resnet50", 65536, 0.999, 0.2)
+    assert m["lr"] * d["batch_size"] * t["devices"] / m["lr_batch_size"] == pytest.approx(0.015)  # CEM500K's lr
+    assert (m["schedule"], list(m["milestones"]), t["max_epochs"]) == ("step", [120, 160], 200)
+    assert d["augment"]["crop_size"] == 224 and list(d["augment"]["crop_scale"]) == [0.2, 1.0]
+
+
+def test_split_batchnorm_emulates_per_device_bn_and_keeps_keys():
+    from cemnet.methods.common import SplitBatchNorm2d, convert_split_batchnorm
+
+    plain = MoCoV2(arch="resnet18", queue_size=64)
+    split = MoCoV2(arch="resnet18", queue_size=64, bn_splits=2)
+    assert list(plain.state_dict()) == list(split.state_dict())  # export-compatible
+    bns = [m for m in split.backbone.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert bns and all(m.num_splits == 2 for m in bns)
+    assert any(isinstance(m, SplitBatchNorm2d) for m in split.backbone_momentum.modules())
+    bn = convert_split_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)[0].train()
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    ref = torch.empty_like(x)
+    for j in range(2):  # sub-batches are every 2nd sample (MoCo's view trick), like 2 devices
+        ref[j::2] = F.batch_norm(x[j::2], None, None, training=True)
+    torch.testing.assert_close(bn(x), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(bn.running_mean, 0.1 * x.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_vit_backbone_trains(corpus):
+    pl.seed_everything(0)
+    model = _model(arch="vit_tiny_patch16_224", arch_kwargs={"img_size": 32, "patch_size": 8}, lr=0.01)
+    assert model.projection_head.input_dim == 192
+    _trainer(max_steps=2).fit(model, _dm(corpus))
+    assert int(model.memory_bank.n_enqueued) == 32 and model.cemnet_metadata({})["arch_kwargs"]["img_size"] == 32
