@@ -131,9 +131,9 @@ def _dhash_chunks(patches: np.ndarray, sizes: np.ndarray | None, patch_size: int
     vertical_matrix_t = _lanczos_matrix(patch_size, HASH_SIZE).T.copy()  # (8, P)
     true_sizes = np.tile([ph, pw], (n, 1)) if sizes is None else np.asarray(sizes).reshape(n, 2)
     full_size = (true_sizes == patch_size).all(1) & (ph == patch_size) & (pw == patch_size)
-    # Small chunks keep the float64 working set in cache: 3-5x faster than one big product.
+    # Small chunks keep the working set in cache: 3-5x faster than one big product.
     chunk = 16
-    buffer = np.empty((chunk, patch_size, patch_size), dtype=np.float64)
+    buffer = np.empty((chunk, patch_size, patch_size), dtype=np.float32)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         block = buffer[: stop - start]
@@ -143,11 +143,30 @@ def _dhash_chunks(patches: np.ndarray, sizes: np.ndarray | None, patch_size: int
             h, w = true_sizes[i]
             block[i - start] = _resize_to_full(patches[i, :h, :w], patch_size)
         # Pillow resamples horizontally first (to 9 columns) and rounds to uint8, then vertically.
-        horizontal = _clip8(block.reshape(-1, patch_size) @ horizontal_matrix)
+        horizontal = _horizontal_pass(block.reshape(-1, patch_size), horizontal_matrix)
         small = _clip8(np.matmul(vertical_matrix_t, horizontal.reshape(-1, patch_size, HASH_SIZE + 1)))
         bits = small[:, :, 1:] > small[:, :, :-1]
         out[start:stop] = pack_bits(bits.reshape(stop - start, -1))
     return out
+
+
+# float32 error of the horizontal pass, in output grey levels: |error| <= n * 2**-24 * 255 * sum|k|
+# / 2**22 ~= 0.005 for 224 taps; values this close to a rounding boundary are recomputed exactly.
+_FLOAT32_MARGIN = 0.02
+
+
+def _horizontal_pass(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Exact ``_clip8(rows @ matrix)`` computed in float32 (2x faster), with the few entries whose
+    float32 value lies within the error bound of a rounding boundary recomputed in float64."""
+    scaled = rows @ matrix.astype(np.float32)
+    value = (scaled + np.float32(1 << (_PRECISION_BITS - 1))) * np.float32(1.0 / (1 << _PRECISION_BITS))
+    result = np.floor(value)
+    frac = value - result
+    unsure_r, unsure_c = np.nonzero((frac < _FLOAT32_MARGIN) | (frac > 1.0 - _FLOAT32_MARGIN))
+    if len(unsure_r):
+        exact = np.einsum("ki,ik->k", rows[unsure_r].astype(np.float64), matrix[:, unsure_c])
+        result[unsure_r, unsure_c] = np.floor((exact + float(1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS))
+    return np.clip(result, 0, 255).astype(np.float64)
 
 
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:

@@ -204,8 +204,14 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
     for axis in insp.planes:
         (h, w), depth = plane_dims[axis]
         per_plane = max(1, len(grid_starts(h, p)) * len(grid_starts(w, p)))
-        step = max(1, min(settings["patches_per_unit"] // per_plane * settings["slice_stride"],
-                          budget // max(1, h * w * itemsize)))
+        by_memory = budget // max(1, h * w * (itemsize if axis == "xy" else 1))
+        if axis == "xy":
+            step = min(settings["patches_per_unit"] // per_plane * settings["slice_stride"], by_memory)
+        else:
+            # Staged slabs are read sideways: each unit touches every page of its rows, so few
+            # thick units (bounded by memory, at least 4 per plane for parallelism) beat many thin ones.
+            step = min(by_memory, math.ceil(depth / 4))
+        step = max(1, step)
         units[axis] = [
             Unit(source, f"{axis}-{start:05d}", axis, spec, insp.converter, start, min(start + step, depth),
                  (nz, ny, nx), root, settings, staging)

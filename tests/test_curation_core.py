@@ -149,3 +149,16 @@ def test_plane_planning_follows_anisotropy_rule():
         plan_planes(shape, None, is_volume=True, patch_size=224, axes="xy,zz")
     assert slice_indices(250, 1)[-1] == 249  # unlike CEM500K, the last slice is kept
     assert list(slice_indices(10, 4)) == [0, 4, 8]
+
+
+def test_float32_horizontal_pass_is_exact(shared_data):
+    """The float32 fast path with exact fallback equals Pillow's fixed-point arithmetic in float64."""
+    from curation.hashing import _clip8, _horizontal_pass, _lanczos_matrix
+
+    matrix = _lanczos_matrix(224, 9)
+    patches, _ = _real_patches(shared_data, n_images=2)
+    rows = [patches.reshape(-1, 224).astype(np.float32)]
+    rng = np.random.default_rng(0)
+    rows.append(rng.integers(0, 256, (4096, 224)).astype(np.float32))  # worst case for rounding
+    for r in rows:
+        assert np.array_equal(_horizontal_pass(r, matrix), _clip8(r.astype(np.float64) @ matrix))
