@@ -223,3 +223,31 @@ def test_cli_curate_manifest_and_tools(tmp_path, shared_data, capsys):
     assert len(list((tmp_path / "t").glob("*.tiff"))) == len(Corpus(out))
     assert main(["curate", "report", str(out)]) == 0
     assert main(["curate", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_train_filter_from_user_labels_then_refilter(tmp_path, shared_data):
+    """A lab labels some patches (CSV id -> informative), trains a filter, and re-filters its corpus."""
+    from cemnet.cli import main
+
+    label_volume = sorted((shared_data / "urocell_labels_only/mito").rglob("*.nii.gz"))[0]  # non-cellular masks
+    out = tmp_path / "corpus"
+    assert main(["curate", str(label_volume), str(shared_data / "isbi2012/train/images"), "--stack-folders",
+                 "--slice-stride", "16", "--filter", "none", "--out", str(out), "--no-progress"]) == 0
+    rows = _rows(out, "SELECT id, source FROM patches WHERE status='kept'")
+    assert len({s for _, s in rows}) == 2  # the mask volume and the ISBI stack
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patch_id,informative\n" + "".join(
+        f"{pid},{'no' if src.startswith(label_volume.name.split('.')[0]) else 'yes'}\n" for pid, src in rows))
+    flt = tmp_path / "filter.json"
+    assert main(["curate", "train-filter", str(out), "--labels", str(labels), "--out", str(flt)]) == 0
+    # Re-run on the same corpus with the trained filter: nothing is re-extracted, the masks are filtered.
+    assert main(["curate", str(label_volume), str(shared_data / "isbi2012/train/images"), "--stack-folders",
+                 "--slice-stride", "16", "--filter", f"logistic:{flt}", "--out", str(out), "--no-progress"]) == 0
+    status = dict(_rows(out, "SELECT source, group_concat(DISTINCT status) FROM patches "
+                    "WHERE group_id = id GROUP BY source"))
+    mask_source = next(s for s in status if s.startswith(label_volume.name.split(".")[0]))
+    assert status[mask_source] == "filtered"
+    assert "kept" in status[next(s for s in status if s != mask_source)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patch_id,informative\n999999,yes\n")
+    assert main(["curate", "train-filter", str(out), "--labels", str(bad), "--out", str(flt)]) == 2
