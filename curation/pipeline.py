@@ -305,8 +305,8 @@ def extract(
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
         spec_json["name"] = name
         row = index.source(name)
-        if row is not None and row["status"] == "done":
-            continue  # finished in an earlier run
+        if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
+            continue  # finished in an earlier run, every shard intact
         index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
                             reader=spec_json, status="running", error=None)
         names[name] = spec_json
