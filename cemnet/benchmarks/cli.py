@@ -1,0 +1,151 @@
+"""``cemnet benchmark``: fine-tune encoders on a registered or custom benchmark and report.
+
+Examples::
+
+    cemnet benchmark list
+    cemnet benchmark info isbi2012
+    cemnet benchmark isbi2012 --data-dir ../shared/data --encoders enc.safetensors random \\
+        --train-fraction 0.05 0.1 0.2 0.5 1.0 --seeds 0 1 2 --out runs/bench_isbi
+    cemnet benchmark custom --images imgs/ --masks masks/ --split z:0.8 --encoders random
+    cemnet benchmark custom --image raw.h5 --labels seg.h5 --split z:0.75 --encoders random
+    cemnet benchmark gala --data-dir ../shared/data --iterations 200      # instance (affinities)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cemnet benchmark", description="Fine-tune and evaluate encoders on vEM benchmarks.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::")[1])
+    p.add_argument("benchmark", help="a registered name, 'custom', 'list' or 'info'")
+    p.add_argument("name", nargs="?", help="benchmark name for 'info'")
+    p.add_argument("--data-dir", help="local copy of the benchmark (or a folder holding several, like ../shared/data)")
+    p.add_argument("--split", help="split rule: z:0.8, test:a,b, volumes:a,b, or a published part (test, validation)")
+    g = p.add_argument_group("custom data")
+    g.add_argument("--images", help="folder of 2D images (custom 2D)")
+    g.add_argument("--masks", help="folder of masks matched to --images by name (custom 2D)")
+    g.add_argument("--image", help="3D image volume, any format curation.readers supports (custom 3D)")
+    g.add_argument("--labels", help="3D label volume (custom 3D)")
+    g.add_argument("--key", help="HDF5/zarr key of --image"), g.add_argument("--label-key", help="HDF5/zarr key of --labels")
+    g.add_argument("--classes", nargs="+", help="class names of mask values 1..K")
+    g.add_argument("--instance", action="store_true", help="custom 3D labels are instance ids (affinity pipeline)")
+    m = p.add_argument_group("model and training (CEM500K defaults)")
+    m.add_argument("--encoders", nargs="+", default=["random"],
+                   help="encoders: export files, run folders, registry names, 'random' or 'random:ARCH'")
+    m.add_argument("--arch", default="resnet50", help="architecture of 'random' encoders")
+    m.add_argument("--freeze", default="none", help="none | encoder | a stage name (layer3): freeze below it")
+    m.add_argument("--train-fraction", type=float, nargs="+", default=[1.0], help="labelled fractions to sweep")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0])
+    m.add_argument("--iterations", type=int, default=2500)
+    m.add_argument("--eval-at", type=int, nargs="*", default=[], help="also evaluate at these iterations")
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--crop-size", type=int, default=224)
+    m.add_argument("--lr", type=float, default=3e-3, help="OneCycle max learning rate")
+    m.add_argument("--weight-decay", type=float, default=0.1)
+    m.add_argument("--base-width", type=int, default=256, help="decoder width")
+    m.add_argument("--orthoplane", action="store_true", help="3D: train on xy+xz+yz, average 3-plane predictions")
+    m.add_argument("--device", default="cpu")
+    i = p.add_argument_group("instance segmentation")
+    i.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3], help="agglomeration thresholds")
+    i.add_argument("--border-nm", type=float, default=None, help="CREMI border mask width (nm), e.g. 25")
+    i.add_argument("--mix", default="none", choices=["none", "amplitude", "cutmix", "both"], help="domain mixing with the test volume")
+    p.add_argument("--out", default="benchmark_out", help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _list() -> int:
+    from cemnet.benchmarks.registry import load_benchmarks
+
+    for name, e in load_benchmarks().items():
+        tested = "tested" if e.tested_on_real_data else "untested on real data"
+        print(f"{name:<16} {e.task:<11} {','.join(e.classes):<30} {tested}")
+    return 0
+
+
+def _info(name: str | None) -> int:
+    from cemnet.benchmarks.registry import get_benchmark
+
+    if not name:
+        print("cemnet benchmark info NAME", flush=True)
+        return 2
+    e = get_benchmark(name)
+    print(json.dumps({k: v for k, v in e.__dict__.items()}, indent=2, default=list))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from cemnet.benchmarks.datasets import load_benchmark, load_custom_2d, load_custom_3d
+
+    if args.benchmark == "custom":
+        if args.images and args.masks:
+            return load_custom_2d(args.images, args.masks, args.split or "z:0.8", args.classes)
+        if args.image and args.labels:
+            return load_custom_3d(args.image, args.labels, args.split or "z:0.8", args.classes, key=args.key,
+                                  label_key=args.label_key, instance=args.instance)
+        raise SystemExit("cemnet benchmark custom: pass --images/--masks (2D) or --image/--labels (3D)")
+    return load_benchmark(args.benchmark, args.data_dir, args.split)
+
+
+def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
+    from cemnet.benchmarks.instance import InstanceConfig, predict_affinities, segment, threshold_sweep
+    from cemnet.benchmarks.sweep import write_csv
+
+    rows = []
+    for enc in args.encoders:
+        for seed in args.seeds:
+            enc3d = enc if not enc.startswith("random") or ":" in enc else "random:cemnet3d_res_tiny"
+            cfg = InstanceConfig(encoder=enc3d, iterations=args.iterations, batch_size=max(1, args.batch_size),
+                                 max_lr=args.lr, weight_decay=args.weight_decay, seed=seed, mix=args.mix, device=args.device)
+            target = data.test[0].image if args.mix != "none" else None
+            from cemnet.benchmarks.instance import train_affinities
+
+            model, norm = train_affinities(data.train, cfg, target=target)
+            for s in data.test:
+                affs, fg = predict_affinities(model, s.image, norm, args.device)
+                frags, _ = segment(affs, fg, [])
+                masked = affs * (fg >= 0.5)[None]
+                for r in threshold_sweep(frags, masked, s.mask, args.thresholds, border_nm=args.border_nm,
+                                         voxel_size_nm=data.voxel_size_nm or (1.0, 1.0, 1.0)):
+                    rows.append({"benchmark": data.name, "encoder": enc, "seed": seed, "volume": s.name, **r})
+    write_csv(rows, out / "instance_results.csv")
+    best = min(rows, key=lambda r: r["voi"])
+    print(f"best: threshold {best['threshold']} VI {best['voi']:.3f} (split {best['voi_split']:.3f}, merge "
+          f"{best['voi_merge']:.3f}) ARAND {best['arand']:.3f}; wrote {out / 'instance_results.csv'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cemnet benchmark``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("cemnet.benchmarks").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.benchmark == "list":
+        return _list()
+    if args.benchmark == "info":
+        return _info(args.name)
+    data = _load(args)
+    print(data.summary())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data.task == "instance3d":
+        return _run_instance(data, args, out)
+    from cemnet.benchmarks.sweep import run_sweep
+    from cemnet.benchmarks.train import FinetuneConfig
+
+    cfg = FinetuneConfig(iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop_size, max_lr=args.lr,
+                         weight_decay=args.weight_decay, freeze=args.freeze, arch=args.arch, base_width=args.base_width,
+                         eval_at=tuple(args.eval_at), orthoplane=args.orthoplane, device=args.device)
+    res = run_sweep(data, args.encoders, args.train_fraction, args.seeds, cfg, out)
+    print(res.table.read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in (res.csv, res.table, res.label_plot, res.iteration_plot, res.overlays) if p))
+    return 0

@@ -1,0 +1,382 @@
+"""Neuron instance segmentation (SegNeuron-style): affinities -> watershed -> agglomeration.
+
+* Targets: nearest-neighbour affinities along (z, y, x) - ``aff[d, p] = 1`` when voxel ``p`` and
+  its predecessor ``p - e_d`` carry the same non-zero id (waterz's convention) - plus a
+  foreground channel (``id > 0``).
+* Model: :class:`cemnet.models.unet.UNet` on a 3D encoder (``cemnet3d_*`` from
+  :mod:`cemnet.models.encoder3d`, random or pretrained via ``cemnet.load_encoder``), 4 outputs.
+* Post-processing: affinities are multiplied by the predicted foreground (so no affinity links
+  across background), a seeded watershed (scikit-image) on ``1 - mean affinity`` gives an
+  over-segmentation, and :func:`agglomerate` merges fragments greedily by **mean boundary
+  affinity** on the region adjacency graph (union-find; the score of a merged edge is the mean of
+  all its voxel-pair affinities, as in waterz's ``MeanAffinity``). Every merge is recorded once,
+  so any set of thresholds is replayed from one run.
+* Scores: VI split/merge and adapted Rand (:mod:`cemnet.benchmarks.metrics`; ground-truth id 0 is
+  ignored, the prediction's 0 is a segment), with an optional CREMI border mask.
+* Domain mixing for fine-tuning on a new target volume: :func:`amplitude_mix` (FDA-style swap of
+  the low-frequency amplitude spectrum; SegNeuron's ``L = 0.001`` on 128 px slices gives a window
+  half-width ``floor(0.001 * 128) = 0``, i.e. only the DC term - the mean intensity - is swapped)
+  and :func:`cutmix` (a target sub-volume pasted into the source crop, its labels ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cemnet.benchmarks.datasets import IGNORE, Sample
+from cemnet.benchmarks.metrics import adapted_rand, border_mask, variation_of_information
+
+__all__ = [
+    "affinities_from_labels", "watershed_fragments", "region_graph", "agglomerate", "instance_scores",
+    "amplitude_mix", "cutmix", "InstanceConfig", "build_instance_model", "train_affinities",
+    "predict_affinities", "segment", "threshold_sweep",
+]
+
+log = logging.getLogger(__name__)
+OFFSETS = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def affinities_from_labels(labels: np.ndarray) -> np.ndarray:
+    """(3, Z, Y, X) float32 nearest-neighbour affinities; the first plane along each axis is 0."""
+    affs = np.zeros((3, *labels.shape), np.float32)
+    for d in range(3):
+        cur = [slice(None)] * 3
+        prev = [slice(None)] * 3
+        cur[d], prev[d] = slice(1, None), slice(None, -1)
+        a, b = labels[tuple(cur)], labels[tuple(prev)]
+        affs[(d, *cur)] = (a == b) & (a != 0)
+    return affs
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def watershed_fragments(affs: np.ndarray, foreground: np.ndarray | None = None, fg_threshold: float = 0.5,
+                        min_distance: int = 3, boundary_threshold: float = 0.5) -> np.ndarray:
+    """Over-segmentation: seeds at the maxima of the distance to boundaries (per xy slice, since
+    vEM is often anisotropic), then a per-slice watershed of ``1 - mean affinity`` inside the
+    foreground (fragments never cross z; agglomeration joins them through the z affinities)."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    # fragments are per xy slice, so only the in-plane (y, x) affinities shape them; the z
+    # affinity of the first slice is 0 by construction and would leave it without seeds
+    # Node-based boundary map from the edge-based affinities: each voxel takes the lowest of its
+    # four in-plane affinities (to y-1, y+1, x-1, x+1). Dense labels without gaps mark a boundary
+    # on one voxel only (aff[d, p] links p to p - e_d); the two-sided minimum makes the band two
+    # voxels wide, one per side, so each side is flooded from its own seed.
+    two_sided = []
+    for d in (1, 2):
+        nxt = np.ones_like(affs[d])
+        sl_dst = [slice(None)] * 3
+        sl_src = [slice(None)] * 3
+        sl_dst[d], sl_src[d] = slice(None, -1), slice(1, None)
+        nxt[tuple(sl_dst)] = affs[d][tuple(sl_src)]
+        two_sided.append(np.minimum(affs[d], nxt))
+    # the first row/column has no predecessor (affinity 0 by construction): use the successor
+    for d, ts in zip((1, 2), two_sided):
+        first = [slice(None)] * 3
+        first[d] = 0
+        second = [slice(None)] * 3
+        second[d] = 1
+        ts[tuple(first)] = affs[d][tuple(second)]
+    planar = np.stack(two_sided)
+    mean_aff = planar.mean(axis=0)
+    fg = np.ones(mean_aff.shape, bool) if foreground is None else foreground >= fg_threshold
+    inside = (planar.min(axis=0) > boundary_threshold) & fg
+    markers = np.zeros(mean_aff.shape, np.int64)
+    next_id = 1
+    for z in range(mean_aff.shape[0]):
+        dist = ndimage.distance_transform_edt(inside[z])
+        peaks = peak_local_max(dist, min_distance=min_distance, labels=inside[z].astype(np.int32), exclude_border=False)
+        for y, x in peaks:
+            markers[z, y, x] = next_id
+            next_id += 1
+        # every connected interior region gets a seed, so no region is flooded from a neighbour
+        # (small or thin cross-sections may have no distance peak)
+        comps, n = ndimage.label(inside[z])
+        if n:
+            seeded = np.zeros(n + 1, bool)
+            seeded[comps[markers[z] > 0]] = True
+            missing = ~seeded[comps] & (comps > 0)
+            markers[z][missing] = comps[missing] + next_id
+            next_id += n + 1
+    frags = np.zeros(mean_aff.shape, np.int64)
+    for z in range(mean_aff.shape[0]):  # per slice: fragments never cross z; agglomeration links them
+        if markers[z].any():
+            frags[z] = watershed(1.0 - mean_aff[z], markers[z], mask=fg[z])
+    return frags
+
+
+def region_graph(fragments: np.ndarray, affs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges ``(u, v)`` (u < v, both non-zero) between touching fragments, with the sum and count
+    of the affinities of the voxel pairs across their boundary."""
+    us, vs, ws = [], [], []
+    for d in range(3):
+        cur = [slice(None)] * 3
+        prev = [slice(None)] * 3
+        cur[d], prev[d] = slice(1, None), slice(None, -1)
+        a, b = fragments[tuple(cur)].ravel(), fragments[tuple(prev)].ravel()
+        w = affs[(d, *cur)].ravel()
+        keep = (a != b) & (a != 0) & (b != 0)
+        us.append(np.minimum(a[keep], b[keep])), vs.append(np.maximum(a[keep], b[keep])), ws.append(w[keep])
+    u, v, w = np.concatenate(us), np.concatenate(vs), np.concatenate(ws).astype(np.float64)
+    if u.size == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0)
+    key = u * (int(fragments.max()) + 1) + v
+    uniq, inv = np.unique(key, return_inverse=True)
+    sums = np.bincount(inv, weights=w)
+    counts = np.bincount(inv).astype(np.float64)
+    edges = np.stack([uniq // (int(fragments.max()) + 1), uniq % (int(fragments.max()) + 1)], 1)
+    return edges, sums, counts
+
+
+def _merge_history(edges: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> list[tuple[float, int, int]]:
+    """Greedy mean-affinity agglomeration; returns the merges ``(score, a, b)`` in order.
+
+    Scores never increase along the history (a merged edge's mean lies between its parts' means,
+    both at most the merged score), so "all merges with score >= t" is the result at threshold t.
+    """
+    adj: dict[int, dict[int, list[float]]] = {}
+    for (a, b), s, c in zip(edges.tolist(), sums.tolist(), counts.tolist()):
+        adj.setdefault(a, {})[b] = [s, c]
+        adj.setdefault(b, {})[a] = [s, c]
+    heap = [(-s / c, a, b) for (a, b), s, c in zip(edges.tolist(), sums.tolist(), counts.tolist())]
+    heapq.heapify(heap)
+    alive = set(adj)
+    merges = []
+    while heap:
+        neg, a, b = heapq.heappop(heap)
+        if a not in alive or b not in alive or b not in adj[a]:
+            continue
+        s, c = adj[a][b]
+        if not math.isclose(-neg, s / c):  # stale entry: the edge changed since it was pushed
+            continue
+        merges.append((-neg, a, b))
+        # merge the smaller adjacency into the larger; the survivor keeps its id
+        if len(adj[a]) < len(adj[b]):
+            a, b = b, a
+        alive.discard(b)
+        del adj[a][b]
+        for n, (sn, cn) in adj.pop(b).items():
+            if n == a:
+                continue
+            del adj[n][b]
+            if n in adj[a]:
+                adj[a][n][0] += sn
+                adj[a][n][1] += cn
+            else:
+                adj[a][n] = [sn, cn]
+            adj[n][a] = adj[a][n]  # shared list: both directions see later updates
+            heapq.heappush(heap, (-adj[a][n][0] / adj[a][n][1], min(a, n), max(a, n)))
+    return merges
+
+
+def agglomerate(fragments: np.ndarray, affs: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
+    """Segmentations at each affinity threshold (merge while the best mean affinity >= t)."""
+    edges, sums, counts = region_graph(fragments, affs)
+    history = _merge_history(edges, sums, counts)
+    out = []
+    n = int(fragments.max()) + 1
+    for t in thresholds:
+        parent = np.arange(n)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = int(parent[x])
+            return x
+        for score, a, b in history:
+            if score < t:
+                break
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+        lut = np.array([find(i) for i in range(n)])
+        out.append(lut[fragments])
+    return out
+
+
+def instance_scores(pred: np.ndarray, gt: np.ndarray, *, ignore_labels: Sequence[int] = (0,),
+                    border_nm: float | None = None, voxel_size_nm: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """VI split/merge (bits) and adapted Rand error of an instance segmentation.
+
+    Ignored: ground-truth ids in ``ignore_labels`` and, with ``border_nm``, voxels within that
+    distance (xy) of a ground-truth boundary (CREMI uses 25 nm)."""
+    mask = border_mask(gt, border_nm, voxel_size_nm) if border_nm else None
+    split, merge = variation_of_information(gt, pred, ignore_labels, mask=mask)
+    are, precision, recall = adapted_rand(gt, pred, ignore_labels, mask=mask)
+    return {"voi_split": split, "voi_merge": merge, "voi": split + merge, "arand": are,
+            "rand_precision": precision, "rand_recall": recall}
+
+
+def threshold_sweep(fragments: np.ndarray, affs: np.ndarray, gt: np.ndarray, thresholds: Sequence[float],
+                    **score_kwargs: Any) -> list[dict[str, float]]:
+    """Scores of the agglomeration at every threshold (plus the fragments themselves as 1.0+)."""
+    rows = []
+    for t, seg in zip(thresholds, agglomerate(fragments, affs, thresholds)):
+        rows.append({"threshold": float(t), "segments": int(len(np.unique(seg)) - (seg == 0).any()), **instance_scores(seg, gt, **score_kwargs)})
+    return rows
+
+
+# --------------------------------------------------------------------------- domain mixing
+
+
+def amplitude_mix(source: np.ndarray, target: np.ndarray, L: float = 0.001, lam: float = 1.0) -> np.ndarray:
+    """Give ``source`` the low-frequency amplitude spectrum of ``target`` (per 2D slice; FDA).
+
+    The window is centred on the DC term with half-width ``floor(L * min(H, W))``; ``lam``
+    blends (1 = full swap). Phase (structure) stays the source's. With SegNeuron's ``L=0.001``
+    on 128 px slices the half-width is 0: only the DC term (the mean intensity) is exchanged.
+    """
+    src = source.astype(np.float64)
+    tgt = target.astype(np.float64)
+    squeeze = src.ndim == 2
+    src, tgt = (src[None], tgt[None]) if squeeze else (src, tgt)
+    out = np.empty_like(src)
+    for z in range(src.shape[0]):
+        fs, ft = np.fft.fftshift(np.fft.fft2(src[z])), np.fft.fftshift(np.fft.fft2(tgt[z % tgt.shape[0]]))
+        amp_s, pha_s, amp_t = np.abs(fs), np.angle(fs), np.abs(ft)
+        h, w = src.shape[-2:]
+        b = int(math.floor(min(h, w) * L))
+        cy, cx = h // 2, w // 2
+        win = (slice(cy - b, cy + b + 1), slice(cx - b, cx + b + 1))
+        amp_s[win] = (1 - lam) * amp_s[win] + lam * amp_t[win]
+        out[z] = np.real(np.fft.ifft2(np.fft.ifftshift(amp_s * np.exp(1j * pha_s))))
+    return out[0] if squeeze else out
+
+
+def cutmix(source: np.ndarray, labels: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+           fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a random sub-volume of ``target`` (same shape) into ``source``; its labels become
+    IGNORE (the target is unlabelled). The box has ``fraction`` of each side."""
+    img, lab = source.copy(), labels.copy()
+    box = []
+    for n in source.shape:
+        s = max(1, int(round(n * fraction)))
+        o = int(rng.integers(0, n - s + 1))
+        box.append(slice(o, o + s))
+    img[tuple(box)] = target[tuple(box)]
+    lab[(Ellipsis, *box)] = IGNORE
+    return img, lab
+
+
+# --------------------------------------------------------------------------- model + training
+
+
+@dataclasses.dataclass
+class InstanceConfig:
+    """3D affinity training settings (small CPU defaults; SegNeuron uses 20x128x128 crops)."""
+
+    encoder: str = "random:cemnet3d_res_tiny"
+    iterations: int = 200
+    batch_size: int = 2
+    crop: tuple[int, int, int] = (16, 64, 64)
+    max_lr: float = 3e-3
+    weight_decay: float = 0.1
+    base_width: int = 32
+    seed: int = 0
+    mix: str = "none"  # "none" | "amplitude" | "cutmix" | "both": domain mixing with `target`
+    mix_L: float = 0.001
+    mix_prob: float = 0.5
+    device: str = "cpu"
+
+
+def build_instance_model(cfg: InstanceConfig) -> nn.Module:
+    """UNet (3D encoder) with 4 outputs: 3 affinities + foreground."""
+    from cemnet.models.encoder3d import build_encoder3d
+    from cemnet.models.unet import UNet
+
+    if cfg.encoder.startswith("random"):
+        arch = cfg.encoder.partition(":")[2] or "cemnet3d_res_tiny"
+        return UNet(build_encoder3d(arch, 1, features_only=True), 4, base_width=cfg.base_width)
+    return UNet(cfg.encoder, 4, in_chans=1, base_width=cfg.base_width)
+
+
+def _crop(vol: np.ndarray, lab: np.ndarray, size: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    sl = tuple(slice(o, o + s) for o, s in ((int(rng.integers(0, n - s + 1)), s) for n, s in zip(vol.shape, size)))
+    img, l = vol[sl], lab[sl]
+    k = int(rng.integers(4))  # rot90/flips in yx only: z is anisotropic
+    img, l = np.rot90(img, k, axes=(1, 2)), np.rot90(l, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        img, l = img[:, :, ::-1], l[:, :, ::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(l)
+
+
+def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.ndarray | None = None) -> tuple[nn.Module, tuple[float, float]]:
+    """Train the affinity + foreground model on labelled volumes; with ``target`` (an unlabelled
+    volume of the new domain) and ``cfg.mix``, crops are domain-mixed as in SegNeuron."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_instance_model(cfg).to(cfg.device)
+    vals = np.concatenate([s.image.ravel()[::97] for s in train]).astype(np.float64) / 255
+    norm = (float(vals.mean()), float(max(vals.std(), 1e-3)))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=max(cfg.iterations, 2))
+    t0 = time.perf_counter()
+    for it in range(cfg.iterations):
+        xs, ys, ms = [], [], []
+        for _ in range(cfg.batch_size):
+            s = train[int(rng.integers(len(train)))]
+            img, lab = _crop(s.image, s.mask, cfg.crop, rng)
+            img = img.astype(np.float64)
+            if target is not None and cfg.mix in ("amplitude", "both") and rng.random() < cfg.mix_prob:
+                timg, _ = _crop(target, np.zeros(target.shape, np.int64), cfg.crop, rng)
+                img = np.clip(amplitude_mix(img, timg, cfg.mix_L), 0, 255)
+            valid = np.ones(lab.shape, bool)
+            if target is not None and cfg.mix in ("cutmix", "both") and rng.random() < cfg.mix_prob:
+                timg, _ = _crop(target, np.zeros(target.shape, np.int64), cfg.crop, rng)
+                img, lab = cutmix(img, lab, timg.astype(np.float64), rng)
+                valid = lab != IGNORE
+                lab = np.where(valid, lab, 0)
+            aff = affinities_from_labels(lab)
+            ys.append(np.concatenate([aff, (lab > 0)[None].astype(np.float32)]))
+            ms.append(np.broadcast_to(valid, (4, *valid.shape)))
+            xs.append((img / 255.0 - norm[0]) / norm[1])
+        x = torch.from_numpy(np.stack(xs).astype(np.float32))[:, None].to(cfg.device)
+        y = torch.from_numpy(np.stack(ys)).to(cfg.device)
+        m = torch.from_numpy(np.stack(ms).astype(np.float32)).to(cfg.device)
+        model.train()
+        loss = (F.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (it + 1) % 50 == 0:
+            log.info("affinity iteration %d loss %.4f (%.0f s)", it + 1, loss.item(), time.perf_counter() - t0)
+    return model, norm
+
+
+@torch.no_grad()
+def predict_affinities(model: nn.Module, volume: np.ndarray, norm: tuple[float, float], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(affinities (3, Z, Y, X), foreground (Z, Y, X)) probabilities for a whole (small) volume;
+    the volume is padded to a multiple of 16 per axis and cropped back."""
+    model.eval()
+    x = torch.from_numpy(((volume.astype(np.float32) / 255.0) - norm[0]) / norm[1])[None, None].to(device)
+    pads = [(-n) % 16 for n in volume.shape]
+    x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+    out = torch.sigmoid(model(x))[0, :, : volume.shape[0], : volume.shape[1], : volume.shape[2]].cpu().numpy()
+    return out[:3], out[3]
+
+
+def segment(affs: np.ndarray, foreground: np.ndarray | None, thresholds: Sequence[float], fg_threshold: float = 0.5) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Foreground-restricted affinities -> fragments -> one segmentation per threshold."""
+    if foreground is not None:
+        affs = affs * (foreground >= fg_threshold)[None]
+    frags = watershed_fragments(affs, foreground, fg_threshold)
+    return frags, agglomerate(frags, affs, thresholds)
