@@ -67,6 +67,17 @@ def _check_export(run_dir: Path, encoder: torch.nn.Module) -> None:
     encoder.load_state_dict(weights.state_dict, strict=True)
 
 
+def _check_sample_pictures(run_dir: Path, ckpt: dict) -> None:
+    """Masked inputs and reconstructions are logged as pictures: one column per panel."""
+    pngs = sorted((run_dir / "samples").glob("masked_reconstruction_step*.png"))
+    assert pngs, "no sample pictures written"
+    grid = np.asarray(Image.open(pngs[0]))
+    hog = ckpt["hyper_parameters"].get("hog", "segneuron")
+    panels = 5 if hog == "segneuron" else 3  # image, masked, reconstruction (+ HOG target, HOG prediction)
+    assert grid.shape[1] % panels == 0 and grid.shape[1] // panels > 4
+    assert grid.std() > 0
+
+
 def _run_cli(config: str, run_dir: Path, *overrides: str) -> dict:
     from cemnet.methods.cli import main
 
@@ -78,7 +89,9 @@ def _run_cli(config: str, run_dir: Path, *overrides: str) -> dict:
 
 def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_path: Path) -> None:
     corpus = shared_data / "cem500k_example_patches" / "occlusion"
-    ckpt = _run_cli("tiny_mgmr_2d_cpu.yaml", tmp_path / "run", f"--data.init_args.corpus={corpus}")
+    ckpt = _run_cli("tiny_mgmr_2d_cpu.yaml", tmp_path / "run", f"--data.init_args.corpus={corpus}",
+                    "--samples_every_n_steps=1")
+    _check_sample_pictures(tmp_path / "run", ckpt)
     meta = ckpt["cemnet"]
     assert meta["method"] == "mgmr2d" and meta["spatial_dims"] == 2 and meta["arch"] == "resnet18"
     assert meta["in_chans"] == 1 and meta["global_step"] == 2 and meta["corpus_fingerprint"]
@@ -99,8 +112,9 @@ def test_tiny_3d_config_runs_and_build_encoder3d_loads_strictly(shared_data: Pat
     }
     ckpt = _run_cli(
         "tiny_mgmr_3d_cpu.yaml", tmp_path / "run", f"--data.init_args.volumes={json.dumps(volumes)}",
-        "--data.init_args.size=[20, 32, 32]",
+        "--data.init_args.size=[20, 32, 32]", "--samples_every_n_steps=1",
     )
+    _check_sample_pictures(tmp_path / "run", ckpt)
     meta = ckpt["cemnet"]
     assert meta["method"] == "mgmr3d" and meta["spatial_dims"] == 3 and meta["arch"].startswith("cemnet3d_")
     assert meta["global_step"] == 2 and meta["corpus_fingerprint"].startswith("volumes-")

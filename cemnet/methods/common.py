@@ -330,7 +330,8 @@ class ImagesPerSecond(pl.Callback):
 
 
 class PairSampleLogger(pl.Callback):
-    """Every ``every_n_steps`` optimizer steps, logs a grid of augmented view pairs as an image.
+    """Every ``every_n_steps`` optimizer steps, logs a grid of augmented view pairs as an image
+    (or the panels a module returns from ``sample_panels(batch, num) -> (name, [tensors])``).
 
     Goes to W&B / TensorBoard when such a logger is attached, else PNGs into
     ``<dirpath or trainer.default_root_dir>/samples/``. Rank 0 only. Each row is one patch, each
@@ -361,25 +362,31 @@ class PairSampleLogger(pl.Callback):
         step = trainer.global_step
         if not trainer.is_global_zero or step == self._last_step or (step - 1) % self.every_n_steps:
             return
-        if not isinstance(batch, dict) or "views" not in batch:
+        name = "view_pairs"
+        if hasattr(pl_module, "sample_panels"):
+            # A method with its own pictures (e.g. MGMR: input, masked input, reconstruction, HOG).
+            name, panels = pl_module.sample_panels(batch, self.num_pairs)
+            grid = self.make_grid(panels, 0.0, 1.0, self.num_pairs)
+        elif isinstance(batch, dict) and "views" in batch:
+            mean = float(getattr(pl_module, "mean", None) or 0.0)
+            std = float(getattr(pl_module, "std", None) or 1.0)
+            grid = self.make_grid(batch["views"], mean, std, self.num_pairs)
+        else:
             return
         self._last_step = step
-        mean = float(getattr(pl_module, "mean", None) or 0.0)
-        std = float(getattr(pl_module, "std", None) or 1.0)
-        grid = self.make_grid(batch["views"], mean, std, self.num_pairs)
         logged = False
         for logger in trainer.loggers:
-            name = type(logger).__name__
-            if name == "WandbLogger":
-                logger.log_image(key="train/view_pairs", images=[grid], step=step)
+            kind = type(logger).__name__
+            if kind == "WandbLogger":
+                logger.log_image(key=f"train/{name}", images=[grid], step=step)
                 logged = True
-            elif name == "TensorBoardLogger":
-                logger.experiment.add_image("train/view_pairs", grid[None], step, dataformats="CHW")
+            elif kind == "TensorBoardLogger":
+                logger.experiment.add_image(f"train/{name}", grid[None], step, dataformats="CHW")
                 logged = True
         if not logged:
             from PIL import Image
 
             out = Path(self.dirpath or trainer.default_root_dir) / "samples"
             out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(out / f"view_pairs_step{step:08d}.png")
+            Image.fromarray(grid).save(out / f"{name}_step{step:08d}.png")
 

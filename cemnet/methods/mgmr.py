@@ -220,6 +220,27 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         out["mask_fraction"] = masks.mask.float().mean()
         return out
 
+    @torch.no_grad()
+    def sample_panels(self, batch: Any, num: int) -> tuple[str, list[Tensor]]:
+        """Pictures for the sample logger, one row per sample: image, masked input,
+        reconstruction, and for the SegNeuron target the HOG image and its prediction
+        (3D: the middle z slice). Eval mode, so BatchNorm statistics are not touched."""
+        x = self.unit_images(batch)[:num]
+        masks = sample_block_masks(x.shape[0], x.shape[2:], self.mask_scales, self.mask_ratio, x.device)
+        corrupted = replace_with_noise(x, masks.mask)
+        was_training = self.training
+        self.eval()
+        pred_img, pred_hog = self(self.normalize(corrupted))
+        self.train(was_training)
+        panels = [x, corrupted.clamp(0, 1), pred_img]
+        if self.hog == "segneuron":
+            panels += [hog_target(x, self.hog, self.spatial_dims), pred_hog]
+        if self.spatial_dims == 3:
+            panels = [p[:, :, p.shape[2] // 2] for p in panels]
+        for k in range(3, len(panels)):  # HOG images are faint: stretch each to its own maximum
+            panels[k] = panels[k] / panels[k].amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        return "masked_reconstruction", [p.float() for p in panels]
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self.shared_step(batch)
         bs = _images(batch).shape[0]
