@@ -29,7 +29,7 @@ def test_ddp_two_cpu_ranks_share_one_queue_of_gathered_keys(small_corpus, tmp_pa
     proc = subprocess.run([sys.executable, __file__, str(small_corpus), str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
     assert torch.equal(r0["queue"], r1["queue"]) and int(r0["ptr"]) == int(r1["ptr"]) == 3 * 2 * 8
     assert int(r0["n_enqueued"]) == 48

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from cemnet.methods.common import build_backbone
 from cemnet.methods.mgmr import MGMR2D, MGMR3D, mgmr_loss
 from cemnet.models.encoder3d import build_encoder3d
+from cemnet.transfer.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def _run_cli(config: str, run_dir: Path, *overrides: str) -> dict:
     rc = main(["fit", "--config", str(REPO / "experiments" / config), "--run_dir", str(run_dir),
                "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", *overrides])
     assert rc == 0
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
 def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_path: Path) -> None:

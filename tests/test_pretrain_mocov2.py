@@ -32,6 +32,7 @@ from cemnet.methods.common import (
 from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 from cemnet.methods.mocov2 import MoCoV2
+from cemnet.transfer.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = {"arch", "in_chans", "mean", "std", "method", "corpus_fingerprint", "epochs", "global_step",
@@ -234,7 +235,7 @@ def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
     trainer = _trainer(tmp_path, max_steps=2, enable_checkpointing=True,
                        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
     trainer.fit(model, _dm(corpus))
-    ck = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(tmp_path / "last.ckpt")
     meta = ck["cemnet"]
     assert set(meta) == CONTRACT
     assert meta["arch"] == "resnet18" and meta["in_chans"] == 1 and meta["method"] == "mocov2"
@@ -281,7 +282,7 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     with pytest.raises(DivergenceError, match="non-finite loss .* global step 3"):
         _trainer(tmp_path, max_steps=10, callbacks=[DivergenceGuard(), ckpt]).fit(model, _dm(corpus))
-    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(tmp_path / "last.ckpt")
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert all(torch.isfinite(p).all() for p in model.parameters()), "no optimizer step after the NaN"
@@ -303,10 +304,10 @@ def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, mo
     assert (run / "checkpoints" / "step00000002.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "config.yaml").is_file()
     assert list((run / "samples").glob("*.png"))
-    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    first = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert first["global_step"] == 2 and first["cemnet"]["method"] == "mocov2"
     assert main(["fit", *common, "--trainer.max_steps", "4", "--resume"]) == 0
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 4
     assert int(resumed["state_dict"]["memory_bank.n_enqueued"]) == 4 * 16  # the queue carried over
 
