@@ -10,8 +10,8 @@ import pytest
 
 from cemnet.benchmarks.datasets import IGNORE, load_benchmark
 from cemnet.benchmarks.instance import (
-    InstanceConfig, _merge_history, affinities_from_labels, agglomerate, amplitude_mix, cutmix, instance_scores, predict_affinities,
-    region_graph, segment, threshold_sweep, train_affinities, watershed_fragments,
+    InstanceConfig, _merge_history, affinities_from_labels, agglomerate, amplitude_mix, cutmix, evaluate_affinities,
+    instance_scores, predict_affinities, region_graph, segment, threshold_sweep, train_affinities, watershed_fragments,
 )
 from cemnet.benchmarks import datasets as ds
 from cemnet.cli import main as cemnet_main
@@ -79,3 +79,85 @@ def test_train_affinities_and_cli(shared_data: Path, tmp_path: Path) -> None:
     rc = cemnet_main(["benchmark", "gala", "--data-dir", str(shared_data), "--iterations", "2", "--batch-size", "1",
                       "--thresholds", "0.5", "--out", str(tmp_path / "inst"), "-q"])
     assert rc == 0 and "voi_split" in (tmp_path / "inst" / "instance_results.csv").read_text()
+
+
+# --------------------------------------------------------------------------- 2D (slice-pair) mode
+
+
+def test_slice_pair_stacking_on_real_crop(shared_data: Path) -> None:
+    """Inference pairs (z-1, z) in that channel order; the training conversion of a 2-slice crop
+    gives the same input and the whole volume's targets at the second slice."""
+    import torch
+
+    from cemnet.benchmarks.instance import _as_slice_pairs, slice_pairs
+
+    s = load_benchmark("gala", shared_data).test[0]
+    img, gt = s.image[:6, :48, :48], s.mask[:6, :48, :48]
+    pairs = slice_pairs(img)
+    assert pairs.shape == (6, 2, 48, 48)
+    assert (pairs[0, 0] == img[0]).all() and (pairs[0, 1] == img[0]).all()  # slice 0 paired with itself
+    for z in range(1, 6):
+        assert (pairs[z, 0] == img[z - 1]).all() and (pairs[z, 1] == img[z]).all()
+    full = affinities_from_labels(gt)
+    assert 0 < full[0, 1:].mean() < 1  # real crop: the z affinity is informative
+    z = 3
+    crop_img, crop_lab = img[z - 1: z + 1], gt[z - 1: z + 1]
+    y = np.concatenate([affinities_from_labels(crop_lab), (crop_lab > 0)[None]]).astype(np.float32)
+    x2, y2, m2 = _as_slice_pairs(torch.from_numpy(crop_img[None, None].astype(np.float32)), torch.from_numpy(y[None]),
+                                 torch.ones((1, *y.shape)))
+    assert x2.shape == (1, 2, 48, 48) and y2.shape == (1, 4, 48, 48) and m2.shape == (1, 4, 48, 48)
+    np.testing.assert_array_equal(x2[0].numpy(), pairs[z])
+    np.testing.assert_array_equal(y2[0, :3].numpy(), full[:, z])  # z, y, x affinities of slice z
+    np.testing.assert_array_equal(y2[0, 3].numpy(), gt[z] > 0)
+
+
+def test_train_affinities_2d_mode(shared_data: Path) -> None:
+    from cemnet.models.unet import feature_spec
+
+    d = load_benchmark("gala", shared_data)
+    cfg = InstanceConfig(mode="2d", encoder="random:resnet10t", iterations=3, batch_size=2, crop=(8, 32, 32),
+                         base_width=8, mix="both", mix_prob=1.0)
+    model, norm = train_affinities(d.train, cfg, target=d.test[0].image)
+    assert feature_spec(model.encoder)[2] == 2 and model.encoder.conv1[0].in_channels == 2  # 2D, pair input
+    vol, gt = d.test[0].image[:5, :40, :44], d.test[0].mask[:5, :40, :44]  # sizes not multiples of the stride
+    affs, fg = predict_affinities(model, vol, norm, slices_per_batch=2)
+    assert affs.shape == (3, 5, 40, 44) and fg.shape == (5, 40, 44)
+    assert 0 <= affs.min() <= affs.max() <= 1 and 0 <= fg.min() <= fg.max() <= 1
+    assert (affs[0, 0] == 0).all()  # slice 0 has no predecessor
+    rows = evaluate_affinities(affs, fg, gt, [0.7, 0.3])
+    assert len(rows) == 2 and all(np.isfinite(r["voi"]) and 0 <= r["arand"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="mode"):
+        train_affinities(d.train, dataclasses.replace(cfg, mode="4d"))
+
+
+def test_cli_affinity_mode_2d(shared_data: Path, tmp_path: Path) -> None:
+    from cemnet.benchmarks.cli import build_parser
+
+    assert build_parser().parse_args(["neuroproof", "--affinity-mode", "2d"]).affinity_mode == "2d"
+    assert build_parser().parse_args(["neuroproof"]).affinity_mode == "3d"
+    rc = cemnet_main(["benchmark", "gala", "--data-dir", str(shared_data), "--instance", "--encoders", "random:resnet10t",
+                      "--affinity-mode", "2d", "--iterations", "2", "--batch-size", "1", "--thresholds", "0.5",
+                      "--out", str(tmp_path / "inst2d"), "-q"])
+    text = (tmp_path / "inst2d" / "instance_results.csv").read_text()
+    assert rc == 0 and "voi_split" in text and ",2d," in text
+
+
+def test_2d_mode_adapts_pretrained_first_conv(tmp_path: Path) -> None:
+    """A 1-channel export loads for slice pairs with its first conv repeated and halved (timm's
+    ``adapt_input_conv``), so a constant pair (z-1 == z) gives the pretrained response."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from cemnet.benchmarks.instance import build_instance_model
+    from cemnet.transfer.meta import EncoderMeta
+
+    torch.manual_seed(0)
+    enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
+    path = tmp_path / "tiny.safetensors"
+    save_file(enc.state_dict(), str(path), metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.5, std=0.2).to_safetensors())
+    model = build_instance_model(InstanceConfig(encoder=str(path), mode="2d", base_width=8))
+    key = next(k for k, v in enc.state_dict().items() if v.ndim == 4)  # the first conv
+    w1, w2 = enc.state_dict()[key], model.encoder.state_dict()[key]
+    assert w1.shape[1] == 1 and w2.shape[1] == 2
+    torch.testing.assert_close(w2, w1.repeat(1, 2, 1, 1) / 2)

@@ -9,6 +9,7 @@ Examples::
     cemnet benchmark custom --images imgs/ --masks masks/ --split z:0.8 --encoders random
     cemnet benchmark custom --image raw.h5 --labels seg.h5 --split z:0.75 --encoders random
     cemnet benchmark gala --data-dir ../shared/data --iterations 200      # instance (affinities)
+    cemnet benchmark neuroproof --data-dir ../shared/data --encoders random --affinity-mode 2d
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3], help="agglomeration thresholds")
     i.add_argument("--border-nm", type=float, default=None, help="CREMI border mask width (nm), e.g. 25")
     i.add_argument("--mix", default="none", choices=["none", "amplitude", "cutmix", "both"], help="domain mixing with the test volume")
+    i.add_argument("--affinity-mode", default="3d", choices=["3d", "2d"],
+                   help="3d: 3D encoder; 2d: 2D encoder per slice on (z-1, z) pairs (random = resnet18)")
     p.add_argument("--out", default="benchmark_out", help="output folder")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -97,26 +100,26 @@ def _load(args: argparse.Namespace):
 
 
 def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
-    from cemnet.benchmarks.instance import InstanceConfig, predict_affinities, segment, threshold_sweep
+    from cemnet.benchmarks.instance import InstanceConfig, evaluate_affinities, predict_affinities
     from cemnet.benchmarks.sweep import write_csv
 
     rows = []
     for enc in args.encoders:
         for seed in args.seeds:
-            enc3d = enc if not enc.startswith("random") or ":" in enc else "random:cemnet3d_res_tiny"
-            cfg = InstanceConfig(encoder=enc3d, iterations=args.iterations, batch_size=max(1, args.batch_size),
-                                 max_lr=args.lr, weight_decay=args.weight_decay, seed=seed, mix=args.mix, device=args.device)
+            # plain "random" resolves to the mode's default architecture (instance.DEFAULT_ARCH)
+            cfg = InstanceConfig(encoder=enc, mode=args.affinity_mode, iterations=args.iterations,
+                                 batch_size=max(1, args.batch_size), max_lr=args.lr, weight_decay=args.weight_decay,
+                                 seed=seed, mix=args.mix, device=args.device)
             target = data.test[0].image if args.mix != "none" else None
             from cemnet.benchmarks.instance import train_affinities
 
             model, norm = train_affinities(data.train, cfg, target=target)
             for s in data.test:
                 affs, fg = predict_affinities(model, s.image, norm, args.device)
-                frags, _ = segment(affs, fg, [])
-                masked = affs * (fg >= 0.5)[None]
-                for r in threshold_sweep(frags, masked, s.mask, args.thresholds, border_nm=args.border_nm,
-                                         voxel_size_nm=data.voxel_size_nm or (1.0, 1.0, 1.0)):
-                    rows.append({"benchmark": data.name, "encoder": enc, "seed": seed, "volume": s.name, **r})
+                for r in evaluate_affinities(affs, fg, s.mask, args.thresholds, border_nm=args.border_nm,
+                                             voxel_size_nm=data.voxel_size_nm or (1.0, 1.0, 1.0)):
+                    rows.append({"benchmark": data.name, "encoder": enc, "mode": args.affinity_mode, "seed": seed,
+                                 "volume": s.name, **r})
     write_csv(rows, out / "instance_results.csv")
     best = min(rows, key=lambda r: r["voi"])
     print(f"best: threshold {best['threshold']} VI {best['voi']:.3f} (split {best['voi_split']:.3f}, merge "

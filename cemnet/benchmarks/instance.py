@@ -3,8 +3,20 @@
 * Targets: nearest-neighbour affinities along (z, y, x) - ``aff[d, p] = 1`` when voxel ``p`` and
   its predecessor ``p - e_d`` carry the same non-zero id (waterz's convention) - plus a
   foreground channel (``id > 0``).
-* Model: :class:`cemnet.models.unet.UNet` on a 3D encoder (``cemnet3d_*`` from
-  :mod:`cemnet.models.encoder3d`, random or pretrained via ``cemnet.load_encoder``), 4 outputs.
+* Model: :class:`cemnet.models.unet.UNet` with 4 outputs (3 affinities + foreground), in one of
+  two modes (:attr:`InstanceConfig.mode`):
+
+  - ``"3d"``: a 3D encoder (``cemnet3d_*`` from :mod:`cemnet.models.encoder3d`, random or
+    pretrained via ``cemnet.load_encoder``) on the whole crop.
+  - ``"2d"`` (2.5D): a 2D encoder (timm, random or pretrained via ``cemnet.load_encoder``) applied
+    per z-slice to the **pair** (slice z-1, slice z) stacked as 2 channels (:func:`slice_pairs`);
+    it predicts the 4 channels of slice z: the z affinity (z to z-1, which needs both slices),
+    the y and x affinities and the foreground. A pretrained 1-channel first convolution is
+    adapted to 2 channels like timm's ``adapt_input_conv`` (``load_encoder(in_chans=2)``: the
+    kernel repeated and scaled by 1/2, so a constant pair gives the pretrained response). Slice 0
+    has no predecessor: it is paired with itself and its z affinity is set to 0, the convention
+    of :func:`affinities_from_labels`. The output has the 3D layout, so the same watershed,
+    agglomeration and scores apply.
 * Post-processing: affinities are multiplied by the predicted foreground (so no affinity links
   across background), a seeded watershed (scikit-image) on ``1 - mean affinity`` gives an
   over-segmentation, and :func:`agglomerate` merges fragments greedily by **mean boundary
@@ -40,11 +52,13 @@ from cemnet.benchmarks.metrics import adapted_rand, border_mask, variation_of_in
 __all__ = [
     "affinities_from_labels", "watershed_fragments", "region_graph", "agglomerate", "instance_scores",
     "amplitude_mix", "cutmix", "InstanceConfig", "build_instance_model", "train_affinities",
-    "predict_affinities", "segment", "threshold_sweep",
+    "predict_affinities", "segment", "threshold_sweep", "evaluate_affinities", "slice_pairs", "DEFAULT_ARCH",
 ]
 
 log = logging.getLogger(__name__)
 OFFSETS = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+# random-init architecture per mode when the encoder is plain "random" (small: CPU benchmarks)
+DEFAULT_ARCH = {"3d": "cemnet3d_res_tiny", "2d": "resnet18"}
 
 
 # --------------------------------------------------------------------------- targets
@@ -281,9 +295,12 @@ def cutmix(source: np.ndarray, labels: np.ndarray, target: np.ndarray, rng: np.r
 
 @dataclasses.dataclass
 class InstanceConfig:
-    """3D affinity training settings (small CPU defaults; SegNeuron uses 20x128x128 crops)."""
+    """Affinity training settings (small CPU defaults; SegNeuron uses 20x128x128 crops).
 
-    encoder: str = "random:cemnet3d_res_tiny"
+    ``mode="2d"`` trains on slice pairs: only ``crop[1:]`` is used (the z extent is always 2)."""
+
+    encoder: str = "random"  # "random" (DEFAULT_ARCH[mode]), "random:ARCH", or a load_encoder source
+    mode: str = "3d"  # "3d": 3D encoder on crops; "2d": 2D encoder on (z-1, z) slice pairs (2.5D)
     iterations: int = 200
     batch_size: int = 2
     crop: tuple[int, int, int] = (16, 64, 64)
@@ -298,14 +315,44 @@ class InstanceConfig:
 
 
 def build_instance_model(cfg: InstanceConfig) -> nn.Module:
-    """UNet (3D encoder) with 4 outputs: 3 affinities + foreground."""
-    from cemnet.models.encoder3d import build_encoder3d
+    """UNet with 4 outputs (3 affinities + foreground): a 3D encoder on 1 channel (``mode="3d"``)
+    or a 2D encoder on 2 channels, the slice pair (``mode="2d"``)."""
     from cemnet.models.unet import UNet
 
+    if cfg.mode not in DEFAULT_ARCH:
+        raise ValueError(f"InstanceConfig.mode={cfg.mode!r}: expected one of {sorted(DEFAULT_ARCH)}")
+    in_chans = 2 if cfg.mode == "2d" else 1
     if cfg.encoder.startswith("random"):
-        arch = cfg.encoder.partition(":")[2] or "cemnet3d_res_tiny"
-        return UNet(build_encoder3d(arch, 1, features_only=True), 4, base_width=cfg.base_width)
-    return UNet(cfg.encoder, 4, in_chans=1, base_width=cfg.base_width)
+        arch = cfg.encoder.partition(":")[2] or DEFAULT_ARCH[cfg.mode]
+        if cfg.mode == "2d":
+            import timm
+
+            encoder = timm.create_model(arch, pretrained=False, features_only=True, in_chans=in_chans)
+        else:
+            from cemnet.models.encoder3d import build_encoder3d
+
+            encoder = build_encoder3d(arch, in_chans, features_only=True)
+        return UNet(encoder, 4, base_width=cfg.base_width)
+    # load_encoder adapts a pretrained 1-channel first conv to in_chans (timm's adapt_input_conv)
+    model = UNet(cfg.encoder, 4, in_chans=in_chans, base_width=cfg.base_width)
+    if model.spatial_dims != (2 if cfg.mode == "2d" else 3):
+        raise ValueError(f"encoder {cfg.encoder!r} is {model.spatial_dims}D but mode={cfg.mode!r}")
+    return model
+
+
+def slice_pairs(volume: np.ndarray) -> np.ndarray:
+    """(Z, 2, Y, X) inputs of the 2D mode: channel 0 is slice z-1, channel 1 slice z; slice 0 is
+    paired with itself (its z affinity is defined as 0, see :func:`predict_affinities`)."""
+    prev = np.concatenate([volume[:1], volume[:-1]])
+    return np.stack([prev, volume], axis=1)
+
+
+def _as_slice_pairs(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batches of 2-slice crops -> the 2D mode's tensors. ``x`` (B, 1, 2, Y, X) becomes
+    (B, 2, Y, X) (z as channels, in :func:`slice_pairs`' order), the targets ``y`` and mask ``m``
+    (B, 4, 2, Y, X) keep the second slice: its z affinity links it to the first, exactly as in
+    the whole volume."""
+    return x[:, 0], y[:, :, 1], m[:, :, 1]
 
 
 def _crop(vol: np.ndarray, lab: np.ndarray, size: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -320,10 +367,17 @@ def _crop(vol: np.ndarray, lab: np.ndarray, size: Sequence[int], rng: np.random.
 
 def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.ndarray | None = None) -> tuple[nn.Module, tuple[float, float]]:
     """Train the affinity + foreground model on labelled volumes; with ``target`` (an unlabelled
-    volume of the new domain) and ``cfg.mix``, crops are domain-mixed as in SegNeuron."""
+    volume of the new domain) and ``cfg.mix``, crops are domain-mixed as in SegNeuron.
+
+    ``cfg.mode`` picks the 3D U-Net or the 2D slice-pair one (see the module docstring); both
+    share the sampling, augmentation, mixing and loss code. Returns the model and the (mean, std)
+    input normalisation for :func:`predict_affinities`."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_instance_model(cfg).to(cfg.device)
+    # 2D mode: crops are slice pairs, converted to 2-channel images after the shared crop,
+    # augmentation, mixing and target code below
+    crop = (2, *cfg.crop[1:]) if cfg.mode == "2d" else tuple(cfg.crop)
     vals = np.concatenate([s.image.ravel()[::97] for s in train]).astype(np.float64) / 255
     norm = (float(vals.mean()), float(max(vals.std(), 1e-3)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, weight_decay=cfg.weight_decay)
@@ -333,14 +387,14 @@ def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.nd
         xs, ys, ms = [], [], []
         for _ in range(cfg.batch_size):
             s = train[int(rng.integers(len(train)))]
-            img, lab = _crop(s.image, s.mask, cfg.crop, rng)
+            img, lab = _crop(s.image, s.mask, crop, rng)
             img = img.astype(np.float64)
             if target is not None and cfg.mix in ("amplitude", "both") and rng.random() < cfg.mix_prob:
-                timg, _ = _crop(target, np.zeros(target.shape, np.int64), cfg.crop, rng)
+                timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
                 img = np.clip(amplitude_mix(img, timg, cfg.mix_L), 0, 255)
             valid = np.ones(lab.shape, bool)
             if target is not None and cfg.mix in ("cutmix", "both") and rng.random() < cfg.mix_prob:
-                timg, _ = _crop(target, np.zeros(target.shape, np.int64), cfg.crop, rng)
+                timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
                 img, lab = cutmix(img, lab, timg.astype(np.float64), rng)
                 valid = lab != IGNORE
                 lab = np.where(valid, lab, 0)
@@ -351,6 +405,8 @@ def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.nd
         x = torch.from_numpy(np.stack(xs).astype(np.float32))[:, None].to(cfg.device)
         y = torch.from_numpy(np.stack(ys)).to(cfg.device)
         m = torch.from_numpy(np.stack(ms).astype(np.float32)).to(cfg.device)
+        if cfg.mode == "2d":
+            x, y, m = _as_slice_pairs(x, y, m)
         model.train()
         loss = (F.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
@@ -363,14 +419,34 @@ def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.nd
 
 
 @torch.no_grad()
-def predict_affinities(model: nn.Module, volume: np.ndarray, norm: tuple[float, float], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(affinities (3, Z, Y, X), foreground (Z, Y, X)) probabilities for a whole (small) volume;
-    the volume is padded to a multiple of 16 per axis and cropped back."""
+def predict_affinities(model: nn.Module, volume: np.ndarray, norm: tuple[float, float], device: str = "cpu",
+                       slices_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(affinities (3, Z, Y, X), foreground (Z, Y, X)) probabilities for a whole (small) volume.
+
+    The mode follows the model: a 3D U-Net sees the whole volume, a 2D one (``mode="2d"``) the
+    :func:`slice_pairs`, ``slices_per_batch`` at a time. Inputs are padded to a multiple of the
+    encoder's largest stride (at least 16) per axis and cropped back."""
+    from cemnet.models.unet import feature_spec
+
     model.eval()
-    x = torch.from_numpy(((volume.astype(np.float32) / 255.0) - norm[0]) / norm[1])[None, None].to(device)
-    pads = [(-n) % 16 for n in volume.shape]
-    x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
-    out = torch.sigmoid(model(x))[0, :, : volume.shape[0], : volume.shape[1], : volume.shape[2]].cpu().numpy()
+    _, reductions, dims = feature_spec(model.encoder)  # type: ignore[arg-type]
+    mult = max(16, *(max(r) for r in reductions))
+    vol = ((volume.astype(np.float32) / 255.0) - norm[0]) / norm[1]
+    shape = volume.shape
+    if dims == 3:
+        x = torch.from_numpy(vol)[None, None].to(device)
+        pads = [(-n) % mult for n in shape]
+        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+        out = torch.sigmoid(model(x))[0, :, : shape[0], : shape[1], : shape[2]].cpu().numpy()
+    else:
+        pairs = torch.from_numpy(slice_pairs(vol))
+        pads = [(-n) % mult for n in shape[1:]]
+        chunks = []
+        for z0 in range(0, shape[0], slices_per_batch):
+            x = F.pad(pairs[z0: z0 + slices_per_batch].to(device), (0, pads[1], 0, pads[0]), mode="replicate")
+            chunks.append(torch.sigmoid(model(x))[:, :, : shape[1], : shape[2]].cpu())
+        out = torch.cat(chunks).permute(1, 0, 2, 3).numpy().copy()  # (Z, 4, Y, X) -> (4, Z, Y, X)
+        out[0, 0] = 0.0  # slice 0 has no predecessor (it was paired with itself)
     return out[:3], out[3]
 
 
@@ -380,3 +456,13 @@ def segment(affs: np.ndarray, foreground: np.ndarray | None, thresholds: Sequenc
         affs = affs * (foreground >= fg_threshold)[None]
     frags = watershed_fragments(affs, foreground, fg_threshold)
     return frags, agglomerate(frags, affs, thresholds)
+
+
+def evaluate_affinities(affs: np.ndarray, foreground: np.ndarray | None, gt: np.ndarray, thresholds: Sequence[float],
+                        fg_threshold: float = 0.5, **score_kwargs: Any) -> list[dict[str, float]]:
+    """:func:`segment` + :func:`threshold_sweep`: one score row per threshold for predicted (or
+    ground-truth) affinities; ``score_kwargs`` go to :func:`instance_scores` (border mask)."""
+    frags, _ = segment(affs, foreground, [], fg_threshold)
+    if foreground is not None:  # the same foreground-restricted affinities segment() used
+        affs = affs * (foreground >= fg_threshold)[None]
+    return threshold_sweep(frags, affs, gt, thresholds, **score_kwargs)
