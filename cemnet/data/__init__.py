@@ -6,8 +6,7 @@ in the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cemnet._lazy import lazy_exports
 
 _EXPORTS = {
     "AugmentConfig": "cemnet.data.augment",
@@ -19,10 +18,4 @@ _EXPORTS = {
     "EpochSampler": "cemnet.data.sampling",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cemnet.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("cemnet.data", _EXPORTS)

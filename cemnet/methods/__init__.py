@@ -8,8 +8,7 @@ in :mod:`~cemnet.methods.memory_bank`, training plumbing in :mod:`~cemnet.method
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cemnet._lazy import lazy_exports
 
 _EXPORTS = {
     "MoCoV2": "cemnet.methods.mocov2",
@@ -23,10 +22,4 @@ _EXPORTS = {
     "DivergenceError": "cemnet.methods.common",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cemnet.methods' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("cemnet.methods", _EXPORTS)

@@ -11,8 +11,7 @@ does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cemnet._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "EncoderMeta": "cemnet.transfer.meta",
@@ -38,15 +37,15 @@ _EXPORTS: dict[str, str] = {
     "ChecksumError": "cemnet.transfer.download",
     "UnverifiedError": "cemnet.transfer.download",
     "publish": "cemnet.transfer.publish",
+    "mmd2": "cemnet.transfer.mmd",
+    "mmd2_test": "cemnet.transfer.mmd",
+    "pairwise_mmd2": "cemnet.transfer.mmd",
+    "select": "cemnet.transfer.active",
+    "save_head": "cemnet.transfer.active",
+    "load_head": "cemnet.transfer.active",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cemnet.transfer' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("cemnet.transfer", _EXPORTS)
 
 
 def __dir__() -> list[str]:
