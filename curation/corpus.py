@@ -219,6 +219,59 @@ def _py(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+_INDEX_COLUMNS = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash", "status")
+_TEXT_COLUMNS = ("source", "shard", "axis", "status")
+INDEX_CACHE = "index_cache.npz"
+
+
+def _db_stamp(root: Path) -> np.ndarray:
+    st = (root / "index.sqlite").stat()
+    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+
+
+def _query_columns(root: Path, status: str | None) -> dict[str, np.ndarray]:
+    where, params = ("WHERE status=?", (status,)) if status else ("", ())
+    with sqlite3.connect(f"file:{root / 'index.sqlite'}?mode=ro", uri=True) as db:
+        rows = db.execute(f"SELECT {', '.join(_INDEX_COLUMNS)} FROM patches {where} ORDER BY id", params).fetchall()
+    values = list(zip(*rows)) if rows else [()] * len(_INDEX_COLUMNS)
+    return {c: np.array(v, dtype=object if c in _TEXT_COLUMNS else np.int64)
+            for c, v in zip(_INDEX_COLUMNS, values)}
+
+
+def write_index_cache(root: str | os.PathLike) -> Path:
+    """Columnar copy of the patch index (``index_cache.npz``) so a loader opens a corpus of
+    millions of patches in a second instead of iterating SQLite rows. Valid only while
+    ``index.sqlite`` is unchanged (its size and mtime are stored), else readers ignore it."""
+    root = Path(root)
+    cols = _query_columns(root, None)
+    arrays: dict[str, np.ndarray] = {"stamp": _db_stamp(root)}
+    for c, v in cols.items():
+        if c in _TEXT_COLUMNS:  # categorical: vocabulary + codes, no pickled objects
+            vocab, codes = np.unique(v.astype(str), return_inverse=True) if len(v) else (np.array([], str), v)
+            arrays[c], arrays[c + "_vocab"] = codes.astype(np.int32), vocab
+        else:
+            arrays[c] = v
+    tmp = root / (INDEX_CACHE + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, root / INDEX_CACHE)
+    return root / INDEX_CACHE
+
+
+def index_columns(root: Path, status: str | None) -> dict[str, np.ndarray]:
+    """The patch index as columns (rows with ``status``, or all), from the cache when valid."""
+    cache = root / INDEX_CACHE
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if np.array_equal(z["stamp"], _db_stamp(root)):
+                cols = {c: (z[c + "_vocab"].astype(object)[z[c]] if c in _TEXT_COLUMNS else z[c])
+                        for c in _INDEX_COLUMNS}
+                if status:
+                    keep = cols["status"] == status
+                    cols = {c: v[keep] for c, v in cols.items()}
+                return cols
+    return _query_columns(root, status)
+
+
 class Corpus:
     """Fast read access to the patches of a cemnet corpus.
 
@@ -234,32 +287,21 @@ class Corpus:
             raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
         self.meta = json.loads(meta_path.read_text())
         self.patch_size = int(self.meta["settings"]["patch_size"])
-        db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True)
-        try:
-            where, params = ("WHERE status=?", (status,)) if status else ("", ())
-            rows = db.execute(
-                f"SELECT id, source, shard, offset, axis, slice, y, x, h, w, hash FROM patches {where} ORDER BY id",
-                params,
-            ).fetchall()
+        cols = index_columns(self.root, status)
+        with sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True) as db:
             self._source_rows = db.execute("SELECT name, reader FROM sources ORDER BY id").fetchall()
-        finally:
-            db.close()
-        cols = list(zip(*rows)) if rows else [()] * 11
-        self.ids = np.array(cols[0], dtype=np.int64)
-        source_names = np.array(cols[1], dtype=object)
-        shard_names = np.array(cols[2], dtype=object)
-        self.shards: list[str] = sorted(set(shard_names.tolist()))
+        self.ids = cols["id"].astype(np.int64)
+        self.shards: list[str] = sorted(set(cols["shard"].tolist()))
         shard_pos = {s: i for i, s in enumerate(self.shards)}
-        self.shard_index = np.array([shard_pos[s] for s in shard_names], dtype=np.int32)
-        self.offsets = np.array(cols[3], dtype=np.int64)
-        self.axes = np.array(cols[4], dtype=object)
-        self.slices, self.ys, self.xs = (np.array(c, dtype=np.int64) for c in cols[5:8])
-        self.sizes = np.stack([np.array(cols[8], dtype=np.int32), np.array(cols[9], dtype=np.int32)], 1) \
-            if rows else np.zeros((0, 2), dtype=np.int32)
-        self.hashes = hash_from_db(np.array(cols[10], dtype=np.int64))
-        self.sources: list[str] = sorted(set(source_names.tolist()))
+        self.shard_index = np.array([shard_pos[s] for s in cols["shard"]], dtype=np.int32)
+        self.offsets = cols["offset"].astype(np.int64)
+        self.axes = cols["axis"]
+        self.slices, self.ys, self.xs = (cols[c].astype(np.int64) for c in ("slice", "y", "x"))
+        self.sizes = np.stack([cols["h"], cols["w"]], 1).astype(np.int32).reshape(-1, 2)
+        self.hashes = hash_from_db(cols["hash"].astype(np.int64))
+        self.sources: list[str] = sorted(set(cols["source"].tolist()))
         source_pos = {s: i for i, s in enumerate(self.sources)}
-        self.source_index = np.array([source_pos[s] for s in source_names], dtype=np.int32)
+        self.source_index = np.array([source_pos[s] for s in cols["source"]], dtype=np.int32)
         stats = self.meta.get("stats", {})
         self.mean = float(stats.get("mean", 0.5))
         self.std = float(stats.get("std", 0.25))

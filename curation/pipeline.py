@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from curation.convert import Uint8Converter, sample_volume
-from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db
+from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, write_index_cache
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, plan_planes, slice_indices
@@ -527,6 +527,8 @@ def curate(
     index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
     deduplicate(index, settings, progress)
     apply_filter(index, settings, progress=progress)
+    index.db.commit()
+    write_index_cache(index.root)  # after the last write to index.sqlite of this run
     index.meta["stats"] = corpus_stats(index.root)
     index.save_meta()
     if report:

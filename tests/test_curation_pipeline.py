@@ -270,3 +270,21 @@ def test_lost_or_truncated_shard_is_redone(tmp_path, shared_data):
     for i in range(0, 750, 7):  # rows of redone units got new ids: match patches by provenance
         j = where[(before.axes[i], before.slices[i], before.ys[i], before.xs[i])]
         assert np.array_equal(after[j], before[i])
+
+
+def test_columnar_index_cache_matches_sqlite_and_goes_stale(small_corpus, tmp_path):
+    """Loaders open big corpora from index_cache.npz; it must equal the SQLite index, and be
+    ignored as soon as the index changes."""
+    from curation.corpus import INDEX_CACHE, _query_columns, index_columns
+
+    assert (small_corpus / INDEX_CACHE).is_file()
+    for status in (None, "kept", "duplicate"):
+        cached, direct = index_columns(small_corpus, status), _query_columns(small_corpus, status)
+        for c in direct:
+            assert np.array_equal(cached[c].astype(direct[c].dtype), direct[c]), (status, c)
+    copy = tmp_path / "c"
+    shutil.copytree(small_corpus, copy)
+    shutil.copy2(small_corpus / "index.sqlite", copy / "index.sqlite")  # keep mtime: cache valid
+    with sqlite3.connect(copy / "index.sqlite") as db:
+        db.execute("UPDATE patches SET status='filtered', reason='by hand' WHERE id=(SELECT MIN(id) FROM patches WHERE status='kept')")
+    assert len(Corpus(copy)) == len(Corpus(small_corpus)) - 1  # stale cache ignored
