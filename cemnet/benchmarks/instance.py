@@ -81,9 +81,11 @@ def affinities_from_labels(labels: np.ndarray) -> np.ndarray:
 
 def watershed_fragments(affs: np.ndarray, foreground: np.ndarray | None = None, fg_threshold: float = 0.5,
                         min_distance: int = 3, boundary_threshold: float = 0.5) -> np.ndarray:
-    """Over-segmentation: seeds at the maxima of the distance to boundaries (per xy slice, since
-    vEM is often anisotropic), then a per-slice watershed of ``1 - mean affinity`` inside the
-    foreground (fragments never cross z; agglomeration joins them through the z affinities)."""
+    """Over-segmentation, per xy slice (vEM is often anisotropic): seeds are the connected
+    components of the in-plane affinity graph at ``boundary_threshold``, split at the maxima of
+    the distance to boundaries where a component has an interior; then a watershed of
+    ``1 - mean affinity`` inside the foreground (fragments never cross z; agglomeration joins
+    them through the z affinities)."""
     from scipy import ndimage
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
@@ -116,25 +118,54 @@ def watershed_fragments(affs: np.ndarray, foreground: np.ndarray | None = None, 
     markers = np.zeros(mean_aff.shape, np.int64)
     next_id = 1
     for z in range(mean_aff.shape[0]):
+        # Seeds: connected components of the in-plane affinity graph (voxels joined by an edge
+        # above the threshold), each split at its distance-transform maxima when it is wide
+        # enough to have an interior. Edge-based components give a neurite only 1-2 voxels wide,
+        # which has no interior once both sides of its boundaries are cut away, its own seed
+        # instead of being flooded from a neighbour (that merged bodies even with perfect affinities).
+        comps = _affinity_components(affs[1, z], affs[2, z], fg[z], boundary_threshold)
         dist = ndimage.distance_transform_edt(inside[z])
         peaks = peak_local_max(dist, min_distance=min_distance, labels=inside[z].astype(np.int32), exclude_border=False)
-        for y, x in peaks:
-            markers[z, y, x] = next_id
-            next_id += 1
-        # every connected interior region gets a seed, so no region is flooded from a neighbour
-        # (small or thin cross-sections may have no distance peak)
-        comps, n = ndimage.label(inside[z])
-        if n:
-            seeded = np.zeros(n + 1, bool)
-            seeded[comps[markers[z] > 0]] = True
-            missing = ~seeded[comps] & (comps > 0)
-            markers[z][missing] = comps[missing] + next_id
-            next_id += n + 1
+        split = np.zeros(comps.shape, np.int64)
+        for k, (y, x) in enumerate(peaks, start=1):
+            split[y, x] = k
+        if len(peaks):  # interior peaks flood their own component only
+            split = watershed(-dist, split, mask=inside[z]) * (comps > 0)
+        # one marker per (component, peak region); components without a peak keep one marker
+        key = comps.astype(np.int64) * (len(peaks) + 1) + split
+        _, relabel = np.unique(key, return_inverse=True)
+        relabel = relabel.reshape(comps.shape)
+        relabel[comps == 0] = 0
+        markers[z] = np.where(relabel > 0, relabel + next_id - 1, 0)
+        next_id += int(relabel.max())
     frags = np.zeros(mean_aff.shape, np.int64)
     for z in range(mean_aff.shape[0]):  # per slice: fragments never cross z; agglomeration links them
         if markers[z].any():
             frags[z] = watershed(1.0 - mean_aff[z], markers[z], mask=fg[z])
     return frags
+
+
+def _affinity_components(aff_y: np.ndarray, aff_x: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
+    """Connected components of one slice's voxels inside ``mask``, joined where the edge
+    affinity to the previous row (``aff_y``) or column (``aff_x``) exceeds ``threshold``.
+    Labels 1..n, 0 outside ``mask``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    h, w = mask.shape
+    idx = np.arange(h * w).reshape(h, w)
+    src, dst = [], []
+    link_y = (aff_y[1:, :] > threshold) & mask[1:, :] & mask[:-1, :]
+    src.append(idx[1:, :][link_y]); dst.append(idx[:-1, :][link_y])
+    link_x = (aff_x[:, 1:] > threshold) & mask[:, 1:] & mask[:, :-1]
+    src.append(idx[:, 1:][link_x]); dst.append(idx[:, :-1][link_x])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(h * w, h * w))
+    _, labels = connected_components(graph, directed=False)
+    labels = labels.reshape(h, w) + 1
+    labels[~mask] = 0
+    # compact to 1..n (a leading 0 keeps "outside" at 0 even when the mask covers everything)
+    return np.unique(np.concatenate(([0], labels.ravel())), return_inverse=True)[1][1:].reshape(h, w)
 
 
 def region_graph(fragments: np.ndarray, affs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
