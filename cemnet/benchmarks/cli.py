@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = p.add_argument_group("instance segmentation")
     i.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3], help="agglomeration thresholds")
     i.add_argument("--border-nm", type=float, default=None, help="CREMI border mask width (nm), e.g. 25")
+    i.add_argument("--agglomeration", default="mean", choices=["mean", "waterz"],
+                   help="mean-affinity agglomeration: our union-find ('mean') or waterz's C++ ('waterz')")
     i.add_argument("--mix", default="none", choices=["none", "amplitude", "cutmix", "both"], help="domain mixing with the test volume")
     i.add_argument("--affinity-mode", default="3d", choices=["3d", "2d"],
                    help="3d: 3D encoder; 2d: 2D encoder per slice on (z-1, z) pairs (random = resnet18)")
@@ -116,7 +118,8 @@ def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
             model, norm = train_affinities(data.train, cfg, target=target)
             for s in data.test:
                 affs, fg = predict_affinities(model, s.image, norm, args.device)
-                for r in evaluate_affinities(affs, fg, s.mask, args.thresholds, border_nm=args.border_nm,
+                for r in evaluate_affinities(affs, fg, s.mask, args.thresholds, backend=args.agglomeration,
+                                             border_nm=args.border_nm,
                                              voxel_size_nm=data.voxel_size_nm or (1.0, 1.0, 1.0)):
                     rows.append({"benchmark": data.name, "encoder": enc, "mode": args.affinity_mode, "seed": seed,
                                  "volume": s.name, **r})

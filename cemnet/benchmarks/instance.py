@@ -232,8 +232,21 @@ def _merge_history(edges: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> l
     return merges
 
 
-def agglomerate(fragments: np.ndarray, affs: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
-    """Segmentations at each affinity threshold (merge while the best mean affinity >= t)."""
+AGGLOMERATION = ("mean", "waterz")
+
+
+def agglomerate(fragments: np.ndarray, affs: np.ndarray, thresholds: Sequence[float],
+                backend: str = "mean") -> list[np.ndarray]:
+    """Segmentations at each affinity threshold (merge while the best mean affinity >= t).
+
+    ``backend="mean"`` is our greedy union-find over the region graph; ``"waterz"`` runs the same
+    rule (``OneMinus<MeanAffinity>``, score threshold ``1 - t``) in waterz's C++ implementation
+    (Funke et al.), the established library, which compiles its kernel on first use.
+    """
+    if backend == "waterz":
+        return _agglomerate_waterz(fragments, affs, thresholds)
+    if backend != "mean":
+        raise ValueError(f"unknown agglomeration backend {backend!r}; choose from {', '.join(AGGLOMERATION)}")
     edges, sums, counts = region_graph(fragments, affs)
     history = _merge_history(edges, sums, counts)
     out = []
@@ -257,6 +270,24 @@ def agglomerate(fragments: np.ndarray, affs: np.ndarray, thresholds: Sequence[fl
     return out
 
 
+def _agglomerate_waterz(fragments: np.ndarray, affs: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
+    try:
+        import waterz
+    except ImportError as err:
+        raise RuntimeError("agglomeration backend 'waterz' needs `pip install waterz` (and a C++ compiler: "
+                           "it compiles its kernel on first use)") from err
+    # waterz merges while 1 - mean affinity < threshold and needs increasing thresholds
+    order = np.argsort([1.0 - t for t in thresholds], kind="stable")
+    scores = [1.0 - float(thresholds[i]) for i in order]
+    segs = [seg.astype(np.int64) for seg in waterz.agglomerate(
+        np.ascontiguousarray(affs, dtype=np.float32), scores, fragments=np.ascontiguousarray(fragments, dtype=np.uint64),
+        aff_threshold_low=0.0, aff_threshold_high=1.0)]  # copies: waterz reuses one array
+    out: list[np.ndarray] = [np.empty(0)] * len(thresholds)
+    for i, seg in zip(order, segs):
+        out[i] = seg
+    return out
+
+
 def instance_scores(pred: np.ndarray, gt: np.ndarray, *, ignore_labels: Sequence[int] = (0,),
                     border_nm: float | None = None, voxel_size_nm: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
     """VI split/merge (bits) and adapted Rand error of an instance segmentation.
@@ -271,10 +302,10 @@ def instance_scores(pred: np.ndarray, gt: np.ndarray, *, ignore_labels: Sequence
 
 
 def threshold_sweep(fragments: np.ndarray, affs: np.ndarray, gt: np.ndarray, thresholds: Sequence[float],
-                    **score_kwargs: Any) -> list[dict[str, float]]:
+                    backend: str = "mean", **score_kwargs: Any) -> list[dict[str, float]]:
     """Scores of the agglomeration at every threshold (plus the fragments themselves as 1.0+)."""
     rows = []
-    for t, seg in zip(thresholds, agglomerate(fragments, affs, thresholds)):
+    for t, seg in zip(thresholds, agglomerate(fragments, affs, thresholds, backend)):
         rows.append({"threshold": float(t), "segments": int(len(np.unique(seg)) - (seg == 0).any()), **instance_scores(seg, gt, **score_kwargs)})
     return rows
 
@@ -490,10 +521,10 @@ def segment(affs: np.ndarray, foreground: np.ndarray | None, thresholds: Sequenc
 
 
 def evaluate_affinities(affs: np.ndarray, foreground: np.ndarray | None, gt: np.ndarray, thresholds: Sequence[float],
-                        fg_threshold: float = 0.5, **score_kwargs: Any) -> list[dict[str, float]]:
+                        fg_threshold: float = 0.5, backend: str = "mean", **score_kwargs: Any) -> list[dict[str, float]]:
     """:func:`segment` + :func:`threshold_sweep`: one score row per threshold for predicted (or
     ground-truth) affinities; ``score_kwargs`` go to :func:`instance_scores` (border mask)."""
     frags, _ = segment(affs, foreground, [], fg_threshold)
     if foreground is not None:  # the same foreground-restricted affinities segment() used
         affs = affs * (foreground >= fg_threshold)[None]
-    return threshold_sweep(frags, affs, gt, thresholds, **score_kwargs)
+    return threshold_sweep(frags, affs, gt, thresholds, backend, **score_kwargs)
