@@ -8,6 +8,7 @@ file opens) used by data loaders; :class:`TiffFolderCorpus` reads a CEM500K-styl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,9 +230,15 @@ def _db_stamp(root: Path) -> np.ndarray:
     return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
+def read_only_index(root: str | os.PathLike) -> contextlib.closing[sqlite3.Connection]:
+    """A read-only connection to ``root/index.sqlite`` that is closed on leaving the ``with``
+    (a bare ``with sqlite3.connect(...)`` only commits, leaving the file open)."""
+    return contextlib.closing(sqlite3.connect(f"file:{Path(root) / 'index.sqlite'}?mode=ro", uri=True))
+
+
 def _query_columns(root: Path, status: str | None) -> dict[str, np.ndarray]:
     where, params = ("WHERE status=?", (status,)) if status else ("", ())
-    with sqlite3.connect(f"file:{root / 'index.sqlite'}?mode=ro", uri=True) as db:
+    with read_only_index(root) as db:
         rows = db.execute(f"SELECT {', '.join(_INDEX_COLUMNS)} FROM patches {where} ORDER BY id", params).fetchall()
     values = list(zip(*rows)) if rows else [()] * len(_INDEX_COLUMNS)
     return {c: np.array(v, dtype=object if c in _TEXT_COLUMNS else np.int64)
@@ -288,7 +295,7 @@ class Corpus:
         self.meta = json.loads(meta_path.read_text())
         self.patch_size = int(self.meta["settings"]["patch_size"])
         cols = index_columns(self.root, status)
-        with sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True) as db:
+        with read_only_index(self.root) as db:
             self._source_rows = db.execute("SELECT name, reader FROM sources ORDER BY id").fetchall()
         self.ids = cols["id"].astype(np.int64)
         self.shards: list[str] = sorted(set(cols["shard"].tolist()))

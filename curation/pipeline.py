@@ -527,7 +527,6 @@ def curate(
     index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
     deduplicate(index, settings, progress)
     apply_filter(index, settings, progress=progress)
-    index.db.commit()
     write_index_cache(index.root)  # after the last write to index.sqlite of this run
     index.meta["stats"] = corpus_stats(index.root)
     index.save_meta()

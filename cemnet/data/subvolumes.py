@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,11 +93,10 @@ def corpus_uint8_rules(corpus_root: str | os.PathLike) -> dict[str, Any]:
     db_path = Path(corpus_root) / "index.sqlite"
     if not db_path.is_file():
         return {}
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
+    from curation.corpus import read_only_index
+
+    with read_only_index(corpus_root) as db:
         rows = db.execute("SELECT name, uint8_rule FROM sources").fetchall()
-    finally:
-        db.close()
     return {name: rule for name, rule in rows if rule}
 
 
