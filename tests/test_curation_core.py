@@ -153,12 +153,14 @@ def test_plane_planning_follows_anisotropy_rule():
 
 def test_float32_horizontal_pass_is_exact(shared_data):
     """The float32 fast path with exact fallback equals Pillow's fixed-point arithmetic in float64."""
-    from curation.hashing import _clip8, _horizontal_pass, _lanczos_matrix
+    from curation.hashing import _clip8, _HorizontalPass, _lanczos_matrix
 
     matrix = _lanczos_matrix(224, 9)
+    horizontal_pass = _HorizontalPass(224, 9)
+    assert 0.003 < horizontal_pass.margin.max() < 0.006  # the rigorous float32 error bound
     patches, _ = _real_patches(shared_data, n_images=2)
     rows = [patches.reshape(-1, 224).astype(np.float32)]
     rng = np.random.default_rng(0)
     rows.append(rng.integers(0, 256, (4096, 224)).astype(np.float32))  # worst case for rounding
     for r in rows:
-        assert np.array_equal(_horizontal_pass(r, matrix), _clip8(r.astype(np.float64) @ matrix))
+        assert np.array_equal(horizontal_pass(r), _clip8(r.astype(np.float64) @ matrix))
