@@ -67,18 +67,26 @@ def grid_starts(size: int, patch_size: int) -> list[int]:
 
 
 def extract_patches(
-    plane: np.ndarray, patch_size: int
+    plane: np.ndarray, patch_size: int, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut a 2D uint8 plane into the patch grid.
 
+    Args:
+        plane: 2D uint8 array (any strides: a view into a volume is fine).
+        patch_size: P.
+        out: optional (n, P, P) uint8 array to fill (n = :func:`patch_count` of the plane), so a
+            caller cutting many planes writes them into one batch without a second copy.
+
     Returns:
-        patches: uint8 (n, P, P), truncated edge patches zero-padded.
+        patches: uint8 (n, P, P), truncated edge patches zero-padded (``out`` when given).
         boxes: int32 (n, 4) rows of (y, x, h, w), the true extent of each patch in the plane.
     """
     ny, nx = plane.shape
     ys, xs = grid_starts(ny, patch_size), grid_starts(nx, patch_size)
     n = len(ys) * len(xs)
-    patches = np.zeros((n, patch_size, patch_size), dtype=np.uint8)
+    patches = np.empty((n, patch_size, patch_size), dtype=np.uint8) if out is None else out
+    if patches.shape != (n, patch_size, patch_size):
+        raise ValueError(f"out has shape {patches.shape}, expected {(n, patch_size, patch_size)}")
     boxes = np.empty((n, 4), dtype=np.int32)
     i = 0
     for y in ys:
@@ -86,9 +94,17 @@ def extract_patches(
         for x in xs:
             w = min(patch_size, nx - x)
             patches[i, :h, :w] = plane[y : y + h, x : x + w]
+            if h < patch_size or w < patch_size:  # zero only the padding of edge patches
+                patches[i, h:] = 0
+                patches[i, :h, w:] = 0
             boxes[i] = (y, x, h, w)
             i += 1
     return patches, boxes
+
+
+def patch_count(shape: tuple[int, int], patch_size: int) -> int:
+    """How many patches :func:`extract_patches` cuts from a plane of ``shape``."""
+    return len(grid_starts(shape[0], patch_size)) * len(grid_starts(shape[1], patch_size))
 
 
 def plane_view(block: np.ndarray, axis: str, index: int) -> np.ndarray:

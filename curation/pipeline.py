@@ -34,7 +34,7 @@ from curation.convert import Uint8Converter, sample_volume
 from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, write_index_cache
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
-from curation.patching import AXIS_DIM, extract_patches, grid_starts, plan_planes, slice_indices
+from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
 
 
 @dataclass
@@ -95,12 +95,12 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str) -> UnitRes
     """Patch and hash a list of (slice index, uint8 plane); save the shard; return index rows."""
     t0 = time.perf_counter()
     p = unit.settings["patch_size"]
-    all_patches, rows = [], []
-    for index, plane in planes:
-        patches, boxes = extract_patches(plane, p)
-        all_patches.append(patches)
-        rows.extend((axis, int(index), *map(int, b)) for b in boxes)
-    patches = np.concatenate(all_patches) if all_patches else np.zeros((0, p, p), np.uint8)
+    per_plane = patch_count(planes[0][1].shape, p) if planes else 0  # a unit's planes share a shape
+    patches = np.empty((per_plane * len(planes), p, p), dtype=np.uint8)
+    rows = []
+    for k, (index, plane) in enumerate(planes):
+        _, boxes = extract_patches(plane, p, out=patches[k * per_plane : (k + 1) * per_plane])
+        rows.extend((axis, int(index), *b) for b in boxes.tolist())
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     atomic_save_npy(Path(unit.root) / unit.shard, patches)
     out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
@@ -119,8 +119,7 @@ def run_unit(unit: Unit) -> UnitResult:
             if unit.staging:
                 block = unit.converter(volume.read(slice(unit.start, unit.stop)))
                 staged = np.load(unit.staging, mmap_mode="r+")
-                staged[unit.start : unit.stop] = block
-                staged.flush()
+                staged[unit.start : unit.stop] = block  # shared mapping: visible to the plane units
                 del staged
                 planes = [(z, block[z - unit.start]) for z in wanted]
             else:
@@ -134,14 +133,14 @@ def run_unit(unit: Unit) -> UnitResult:
         wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
         # Read the slab once with long contiguous runs, then put the cut axis first in memory:
         # plane-by-plane strided reads of a memmap (one byte per row for yz) are ~50x slower.
-        if unit.kind == "xz":
-            slab = np.ascontiguousarray(staged[:, unit.start : unit.stop, :].transpose(1, 0, 2))
+        if unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
+            result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind)
         else:  # one cache-sized 2D transpose per z: 5x faster than transposing the 3D slab at once
             slab = np.empty((unit.stop - unit.start, unit.shape[0], unit.shape[1]), dtype=np.uint8)
             for z in range(unit.shape[0]):
                 slab[:, z, :] = np.ascontiguousarray(staged[z, :, unit.start : unit.stop]).T
+            result = _cut(unit, [(i, slab[i - unit.start]) for i in wanted], unit.kind)
         del staged
-        result = _cut(unit, [(i, slab[i - unit.start]) for i in wanted], unit.kind)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -383,16 +382,17 @@ def extract(
                         planes = [u for us in units.values() for u in us if u.key not in done]
                         todo_xy = [u for u in xy if u.key not in done]
                         if planes:
+                            # A staging file left by an earlier run is not trusted (units do not
+                            # fsync it, so after a power cut it may hold zeros): stage afresh.
                             staging = Path(root) / "work" / f"{name}.u8.npy"
-                            if not staging.exists():
-                                staging.parent.mkdir(parents=True, exist_ok=True)
-                                np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8,
-                                                          shape=tuple(insp.info["shape"])).flush()
-                                # staged data of units finished in an earlier run is gone: re-stage
-                                for u in xy:
-                                    if u.key in done:
-                                        u.kind, u.key = "stage", "stage-" + u.key
-                                        todo_xy.append(u)
+                            staging.parent.mkdir(parents=True, exist_ok=True)
+                            staging.unlink(missing_ok=True)
+                            np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8,
+                                                      shape=tuple(insp.info["shape"])).flush()
+                            for u in xy:
+                                if u.key in done:  # cut in an earlier run: only its data is needed
+                                    u.kind, u.key = "stage", "stage-" + u.key
+                                    todo_xy.append(u)
                             waiting_planes[name] = (planes, {u.key for u in todo_xy})
                         else:
                             for u in todo_xy:
@@ -418,9 +418,13 @@ def extract(
 def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = True) -> dict[str, int]:
     """Stage 4: near-duplicate groups per dataset (CEM500K) or across all sources."""
     t0 = time.perf_counter()
-    table = index.patch_table(["id", "source", "hash"])
+    table = index.patch_table(["id", "source", "axis", "slice", "y", "x", "hash"])
     if len(table["id"]) == 0:
         return {}
+    # Visit patches in an order fixed by their provenance, not by their ids: ids follow the order
+    # in which parallel units happened to finish, so the seeded permutation would differ per run.
+    canonical = np.lexsort((table["x"], table["y"], table["slice"], table["axis"], table["source"]))
+    table = {k: v[canonical] for k, v in table.items()}
     datasets = {r["name"]: (r["dataset"] or r["name"]) for r in index.sources()}
     keys = np.array([datasets.get(s, s) for s in table["source"]], dtype=object)
     if settings.dedup_scope == "global":

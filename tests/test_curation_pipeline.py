@@ -125,10 +125,12 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     settings = CurateSettings(patches_per_unit=64, filter="none")
     calls = []
     real_run_unit = pipeline.run_unit
+    armed = [True]
 
     def flaky(unit):
         calls.append(unit.key)
-        if len(calls) == 7:
+        if armed[0] and len(calls) == 7:
+            armed[0] = False
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run
         return real_run_unit(unit)
 
@@ -175,6 +177,33 @@ def test_adding_a_source_keeps_existing_work_and_global_dedup(tmp_path, shared_d
     assert total_kept == sum(1 for r in before if r[2] == "kept")
     with pytest.raises(ValueError, match="patch_size"):
         CorpusIndex(out, CurateSettings(patch_size=128).to_json())
+
+
+def test_dedup_does_not_depend_on_the_order_units_finished(small_corpus, tmp_path):
+    """Parallel units commit in any order, so patch ids vary between runs; the seeded dedup must not."""
+    from curation.corpus import PATCH_COLUMNS
+
+    src = CorpusIndex(small_corpus)
+    table = src.patch_table(PATCH_COLUMNS)
+    sources = src.sources()
+    src.close()
+    by_shard: dict[str, list[tuple]] = {}
+    for row in zip(*(table[c].tolist() for c in PATCH_COLUMNS)):
+        by_shard.setdefault(row[1], []).append(row)
+    decisions = []
+    for order in (sorted(by_shard), sorted(by_shard, reverse=True)):
+        index = CorpusIndex(tmp_path / f"c{len(decisions)}", CurateSettings().to_json())
+        for r in sources:
+            index.upsert_source(r["name"], path=r["path"], dataset=r["dataset"] or r["name"], status="done")
+        for shard in order:
+            index.commit_task(by_shard[shard][0][0], shard, shard, by_shard[shard], 0.0)
+        pipeline.deduplicate(index, CurateSettings(), progress=False)
+        ids = index.db.execute("SELECT id, source, axis, slice, y, x, group_id FROM patches").fetchall()
+        where = {i: k for i, *k, _ in ids}
+        decisions.append(sorted((tuple(k), tuple(where[g])) for i, *k, g in ids))
+        index.close()
+    assert decisions[0] == decisions[1]
+    assert sum(k == g for k, g in decisions[0]) < len(decisions[0])  # there were duplicates to decide
 
 
 def test_dask_cluster_gives_the_same_corpus(tmp_path, shared_data):
