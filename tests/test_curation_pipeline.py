@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,7 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     monkeypatch.setattr(pipeline, "run_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
         curate([spec], tmp_path / "c", settings, workers=1, progress=False)
+    assert not list(Path("/dev/shm").glob(pipeline.StagingArea(tmp_path / "c")._ram_prefix + "*")), "RAM staging left behind"
     done_before = _rows(tmp_path / "c", "SELECT key FROM tasks")
     assert 0 < len(done_before) < 7
     calls.clear()
@@ -155,6 +157,24 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     monkeypatch.setattr(pipeline, "run_unit", flaky)
     curate([spec], tmp_path / "c", settings, workers=1, progress=False)
     assert calls == []
+
+
+def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
+    from curation.pipeline import StagingArea
+
+    area = StagingArea(tmp_path / "c")
+    ram = area.create("vol", (4, 64, 64))
+    assert ram.startswith("/dev/shm/") and np.load(ram, mmap_mode="r").shape == (4, 64, 64)
+    stale = area.create("vol", (4, 64, 64))  # resuming: the earlier file is discarded, not reused
+    assert stale == ram and not np.load(ram, mmap_mode="r").any()
+    area.release("vol")
+    assert not Path(ram).exists()
+    on_disk = StagingArea(tmp_path / "c", ram_fraction=0.0).create("big", (4, 64, 64))  # no RAM to spare
+    assert on_disk == str(tmp_path / "c" / "work" / "big.u8.npy")
+    cluster = StagingArea(tmp_path / "c", use_ram=False)  # Dask workers do not share this RAM
+    assert cluster.create("vol", (2, 8, 8)).startswith(str(tmp_path))
+    cluster.release_all()
+    assert not list((tmp_path / "c" / "work").glob("vol*"))
 
 
 def test_adding_a_source_keeps_existing_work_and_global_dedup(tmp_path, shared_data):
