@@ -9,8 +9,10 @@ look unique), then imagehash shrinks it to 9x8 with Pillow's LANCZOS filter and 
 neighbouring columns. :func:`dhash_reference` is exactly that call. :func:`dhash_batch` computes the
 same bits for a whole batch at once: Pillow's 8-bit resampler is a separable convolution with
 fixed-point coefficients (22 fractional bits, rounding, clipping after each pass), which we
-reproduce with two float64 matrix products. Float64 is exact here: every product and sum is an
-integer below 2**53. Equality with the reference is tested on real patches.
+reproduce with two matrix products: the big horizontal one in float32, where the few results
+within float32's proven error bound of a rounding boundary are recomputed exactly, and the small
+vertical one in float64, which is exact (every product and sum is an integer below 2**53).
+Equality with the reference is tested on real patches and on random ones.
 
 Hashes are packed as uint64, first bit (top-left difference) most significant, which is the order
 of ``str(imagehash)``.
