@@ -159,6 +159,16 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     assert calls == []
 
 
+def test_corpus_stats_are_mean_and_std_of_true_pixels(small_corpus):
+    corpus = Corpus(small_corpus)
+    patches, sizes = corpus.get_padded(np.arange(len(corpus)))
+    pixels = np.concatenate([p[:h, :w].ravel() for p, (h, w) in zip(patches, sizes)]) / 255.0
+    stats = pipeline.corpus_stats(small_corpus)
+    assert stats["n_sampled"] == len(corpus) and (sizes < 224).any()  # padding must not count
+    assert stats["mean"] == pytest.approx(pixels.mean(), rel=1e-9)
+    assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
+
+
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
     from curation.pipeline import StagingArea
 
