@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -79,6 +79,19 @@ def npy_nbytes(shape: tuple[int, ...], dtype: np.dtype | str = np.uint8) -> int:
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
     return buf.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def read_rows(
+    shard: Callable[[int], np.ndarray], shard_no: np.ndarray, rows: np.ndarray, patch_size: int
+) -> np.ndarray:
+    """Patches ``shard(shard_no[i])[rows[i]]`` as one uint8 (n, P, P) array, shard by shard, rows
+    in order within each shard (sequential reads on disk)."""
+    out = np.empty((len(rows), patch_size, patch_size), dtype=np.uint8)
+    for s in np.unique(shard_no):
+        pick = np.nonzero(shard_no == s)[0]
+        order = np.argsort(rows[pick])
+        out[pick[order]] = shard(int(s))[rows[pick][order]]
+    return out
 
 
 class CorpusIndex:
@@ -348,14 +361,15 @@ class Corpus:
     def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, P, P) zero-padded patches and their true sizes (n, 2), read shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.patch_size, self.patch_size), dtype=np.uint8)
-        shard_ids = self.shard_index[indices]
-        for s in np.unique(shard_ids):
-            pick = np.nonzero(shard_ids == s)[0]
-            rows = self.offsets[indices[pick]]
-            order = np.argsort(rows)  # sorted reads are sequential on disk
-            out[pick[order]] = self._shard(int(s))[rows[order]]
-        return out, self.sizes[indices]
+        patches = read_rows(self._shard, self.shard_index[indices], self.offsets[indices], self.patch_size)
+        return patches, self.sizes[indices]
+
+    def locate(self, indices: Sequence[int] | np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Where patches live: (shard paths relative to the corpus, shard number per patch, row
+        per patch); with :func:`read_rows`, lets another process read them without the index."""
+        indices = np.asarray(indices, dtype=np.int64)
+        used, shard_no = np.unique(self.shard_index[indices], return_inverse=True)
+        return [self.shards[i] for i in used], shard_no.astype(np.int32), self.offsets[indices]
 
     def name_of(self, i: int) -> str:
         """CEM500K-style file stem: ``<source>-LOC-<axis>_<slice>_<y>_<x>``."""

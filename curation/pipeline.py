@@ -319,6 +319,7 @@ class Executor:
 
     def __init__(self, workers: int = 2, scheduler: str | None = None) -> None:
         self.kind = "dask" if scheduler else ("serial" if workers <= 1 else "processes")
+        self.workers = max(1, workers)
         if scheduler:
             from distributed import Client
 
@@ -515,10 +516,32 @@ def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = T
     return {"patches": int(len(ids)), "exemplars": int((~duplicate).sum())}
 
 
-def apply_filter(index: CorpusIndex, settings: CurateSettings, batch: int = 512, progress: bool = True) -> None:
-    """Stage 5: run the patch filter on exemplars (removed patches keep their reason and score)."""
+def filter_batch(root: str, shards: list[str], shard_no: np.ndarray, rows: np.ndarray, sizes: np.ndarray,
+                 patch_size: int, patch_filter: Any) -> Any:
+    """Run ``patch_filter`` on patches read straight from their shards (in a worker)."""
+    from curation.corpus import read_rows
+
+    maps: dict[int, np.ndarray] = {}
+
+    def shard(i: int) -> np.ndarray:
+        if i not in maps:
+            maps[i] = np.load(Path(root) / shards[i], mmap_mode="r")
+        return maps[i]
+
+    return patch_filter(read_rows(shard, shard_no, rows, patch_size), sizes)
+
+
+def apply_filter(
+    index: CorpusIndex, settings: CurateSettings, batch: int = 512, progress: bool = True,
+    executor: Executor | None = None,
+) -> None:
+    """Stage 5: run the patch filter on exemplars (removed patches keep their reason and score).
+
+    With a parallel ``executor`` the numpy filters (stats, logistic) run in its workers; the
+    CEM500K classifier stays in this process (torch has its own threads, and maybe a GPU).
+    """
     from curation.corpus import Corpus
-    from curation.filters import build_filter
+    from curation.filters import Cem500kClassifierFilter, build_filter
 
     t0 = time.perf_counter()
     patch_filter = build_filter(settings.filter)
@@ -528,13 +551,15 @@ def apply_filter(index: CorpusIndex, settings: CurateSettings, batch: int = 512,
     todo_ids = table["id"][table["filter_sig"] != signature] if len(table["id"]) else np.array([], np.int64)
     todo = np.searchsorted(corpus.ids, todo_ids.astype(np.int64))
     bar = tqdm(total=len(todo), desc="filter", unit="patch", disable=not progress)
-    for start in range(0, len(todo), batch):
-        pick = todo[start : start + batch]
-        if patch_filter is None:
+    parallel = (executor is not None and executor.kind != "serial" and patch_filter is not None
+                and not isinstance(patch_filter, Cem500kClassifierFilter))
+    if parallel:  # smaller batches so both workers get some on a small corpus
+        batch = max(64, min(batch, math.ceil(len(todo) / (2 * executor.workers))))
+
+    def record(pick: np.ndarray, res: Any) -> None:
+        if res is None:
             keep, reason, score = np.ones(len(pick), bool), np.full(len(pick), "", object), np.full(len(pick), np.nan)
         else:
-            patches, sizes = corpus.get_padded(pick)
-            res = patch_filter(patches, sizes)
             keep, reason, score = res.keep, res.reason, res.score
         index.set_decisions(corpus.ids[pick], {
             "filter_sig": np.full(len(pick), signature, dtype=object),
@@ -542,6 +567,25 @@ def apply_filter(index: CorpusIndex, settings: CurateSettings, batch: int = 512,
             "filter_reason": np.where(keep, "", reason).astype(object),
         })
         bar.update(len(pick))
+
+    picks = [todo[start : start + batch] for start in range(0, len(todo), batch)]
+    if parallel:
+        pending: dict[Any, np.ndarray] = {}
+        for pick in picks:
+            shards, shard_no, rows = corpus.locate(pick)
+            fut = executor.submit(filter_batch, str(corpus.root), shards, shard_no, rows, corpus.sizes[pick],
+                                  corpus.patch_size, patch_filter)
+            pending[fut] = pick
+        while pending:
+            for fut in executor.wait_any(list(pending)):
+                record(pending.pop(fut), fut.result())
+    else:
+        for pick in picks:
+            if patch_filter is None:
+                record(pick, None)
+            else:
+                patches, sizes = corpus.get_padded(pick)
+                record(pick, patch_filter(patches, sizes))
     bar.close()
     with index.db:  # final verdict of every patch from its group and its filter result
         index.db.execute(
@@ -596,11 +640,11 @@ def curate(
     t0 = time.perf_counter()
     try:
         extract(index, specs, settings, executor, progress)
+        index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
+        deduplicate(index, settings, progress)
+        apply_filter(index, settings, progress=progress, executor=executor)
     finally:
         executor.shutdown()
-    index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
-    deduplicate(index, settings, progress)
-    apply_filter(index, settings, progress=progress)
     write_index_cache(index.root)  # after the last write to index.sqlite of this run
     index.meta["stats"] = corpus_stats(index.root)
     index.save_meta()

@@ -169,6 +169,21 @@ def test_corpus_stats_are_mean_and_std_of_true_pixels(small_corpus):
     assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
 
 
+def test_filter_in_worker_processes_decides_as_in_process(small_corpus, tmp_path):
+    """small_corpus was filtered by 2 worker processes; filtering again in-process must agree."""
+    copy = tmp_path / "c"
+    shutil.copytree(small_corpus, copy)
+    query = "SELECT source, axis, slice, y, x, status, reason, score FROM patches ORDER BY 1, 2, 3, 4, 5"
+    parallel = _rows(copy, query)
+    assert any(r[5] == "filtered" for r in parallel)  # the 16-bit tile has uninformative patches
+    index = CorpusIndex(copy)
+    index.db.execute("UPDATE patches SET filter_sig = NULL, score = NULL, filter_reason = NULL, status = 'new'")
+    index.db.commit()
+    pipeline.apply_filter(index, CurateSettings(), progress=False, executor=None)
+    index.close()
+    assert _rows(copy, query) == parallel
+
+
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
     from curation.pipeline import StagingArea
 
