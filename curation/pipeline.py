@@ -645,6 +645,7 @@ def curate(
         apply_filter(index, settings, progress=progress, executor=executor)
     finally:
         executor.shutdown()
+        _scratch_buffers.__dict__.clear()  # in-process (serial) runs: do not hold the buffers
     write_index_cache(index.root)  # after the last write to index.sqlite of this run
     index.meta["stats"] = corpus_stats(index.root)
     index.save_meta()
