@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,15 +38,7 @@ def plot_label_efficiency(rows: Sequence[dict], out: str | os.PathLike, metric: 
     for enc, (xs, mean, std) in _group(rows, "fraction", metric).items():
         ax.errorbar(xs * 100, mean, yerr=std, marker="o", capsize=3, label=enc)
     ax.set_xscale("log")
-    ax.set_xlabel("labelled training pixels (%)")
-    ax.set_ylabel(metric.upper() if metric == "iou" else metric)
-    ax.set_title(title or "label efficiency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return Path(out)
+    return _save_curves(plt, fig, ax, "labelled training pixels (%)", metric, title or "label efficiency", out, 8)
 
 
 def plot_iteration_efficiency(rows: Sequence[dict], out: str | os.PathLike, metric: str = "iou", title: str = "") -> Path:
@@ -56,11 +49,17 @@ def plot_iteration_efficiency(rows: Sequence[dict], out: str | os.PathLike, metr
         sub = [r for r in rows if float(r["fraction"]) == frac]
         for enc, (xs, mean, std) in _group(sub, "iteration", metric).items():
             ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=f"{enc}, {frac:g}")
-    ax.set_xlabel("fine-tuning iteration")
+    return _save_curves(plt, fig, ax, "fine-tuning iteration", metric, title or "iteration efficiency", out, 7)
+
+
+def _save_curves(plt: Any, fig: Any, ax: Any, xlabel: str, metric: str, title: str, out: str | os.PathLike,
+                 legend_size: int) -> Path:
+    """Label, grid and legend a curves plot, write it as a PNG and close it."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.upper() if metric == "iou" else metric)
-    ax.set_title(title or "iteration efficiency")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
