@@ -89,8 +89,9 @@ def read_rows(
     out = np.empty((len(rows), patch_size, patch_size), dtype=np.uint8)
     for s in np.unique(shard_no):
         pick = np.nonzero(shard_no == s)[0]
-        order = np.argsort(rows[pick])
-        out[pick[order]] = shard(int(s))[rows[pick][order]]
+        wanted = rows[pick]
+        order = np.argsort(wanted)
+        out[pick[order]] = shard(int(s))[wanted[order]]
     return out
 
 

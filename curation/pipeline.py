@@ -147,11 +147,12 @@ def run_unit(unit: Unit) -> UnitResult:
         staged = np.load(unit.staging, mmap_mode="r")
         dim = AXIS_DIM[unit.kind]
         wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
-        # Read the slab once with long contiguous runs, then put the cut axis first in memory:
-        # plane-by-plane strided reads of a memmap (one byte per row for yz) are ~50x slower.
         if unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
             result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind)
-        else:  # one cache-sized 2D transpose per z: 5x faster than transposing the 3D slab at once
+        else:
+            # yz planes are one byte per row in the memmap (~50x slower to read plane by plane):
+            # read the slab with long contiguous runs and put x first, one cache-sized 2D
+            # transpose per z (5x faster than transposing the 3D slab at once).
             slab = _scratch("slab", (unit.stop - unit.start, unit.shape[0], unit.shape[1]))
             for z in range(unit.shape[0]):
                 slab[:, z, :] = np.ascontiguousarray(staged[z, :, unit.start : unit.stop]).T
@@ -274,9 +275,9 @@ class StagingArea:
     def create(self, source: str, shape: tuple[int, int, int]) -> str:
         """A fresh, empty uint8 memmap for ``source``; any earlier file of it is discarded
         (units do not fsync it, so one left by a crash may hold zeros)."""
-        for old in self._paths(source):
-            old.unlink(missing_ok=True)
         ram, disk = self._paths(source)
+        for old in (ram, disk):
+            old.unlink(missing_ok=True)
         nbytes = int(np.prod(shape))
         path = ram if self.use_ram and nbytes <= self._ram_to_spare() else disk
         path.parent.mkdir(parents=True, exist_ok=True)
