@@ -8,6 +8,7 @@ an exact construction (constant patch, a corrupt file) and say so.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -37,34 +38,18 @@ P = 224
 # --------------------------------------------------------------------------------------------
 
 
-def cut_patches(img: np.ndarray, p: int = P) -> tuple[np.ndarray, np.ndarray]:
-    """Tile a 2D uint8 image from the top-left; edge patches truncated and zero-padded."""
-    out, sizes = [], []
-    for y in range(0, img.shape[0], p):
-        for x in range(0, img.shape[1], p):
-            t = img[y : y + p, x : x + p]
-            pad = np.zeros((p, p), np.uint8)
-            pad[: t.shape[0], : t.shape[1]] = t
-            out.append(pad)
-            sizes.append(t.shape)
-    return np.stack(out), np.asarray(sizes, dtype=np.int64)
+def _load_threshold_study():
+    """The script that chose the StatsFilter thresholds: the tests cut and read real data with
+    its very helpers, so they check the defaults the way they were derived."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "filter_thresholds.py"
+    spec = importlib.util.spec_from_file_location("filter_thresholds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def cut_many(imgs) -> tuple[np.ndarray, np.ndarray]:
-    ps, ss = zip(*(cut_patches(i) for i in imgs))
-    return np.concatenate(ps), np.concatenate(ss)
-
-
-def grey(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("L"))
-
-
-def minmax_u8(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    lo, hi = a.min(), a.max()
-    return np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+_study = _load_threshold_study()
+cut_patches, cut_many, grey, minmax_u8 = _study.cut_patches, _study.cut_many, _study.read_grey, _study.to_uint8_minmax
 
 
 def pad_to(crop: np.ndarray, fill: int | np.ndarray = 0) -> np.ndarray:
