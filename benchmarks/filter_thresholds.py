@@ -424,21 +424,19 @@ def main() -> None:
 
     print("\n## Removal by the defaults\n")
     print("| set | patches | removed | rate | reasons |\n|---|---|---|---|---|")
-    tot_r = tot_n = 0
-    for n, _, _ in inf_sets:
-        row, r, k = _removal_row(n, filt, feats[n], sizes[n])
-        print(row)
-        tot_r, tot_n = tot_r + r, tot_n + k
-    print(f"| **ALL real informative** | {tot_n} | {tot_r} | **{100.0 * tot_r / tot_n:.2f} %** | |")
+    def removal_rows_and_total(sets: list, label: str) -> None:
+        tot_r = tot_n = 0
+        for n, _, _ in sets:
+            row, r, k = _removal_row(n, filt, feats[n], sizes[n])
+            print(row)
+            tot_r, tot_n = tot_r + r, tot_n + k
+        print(f"| **ALL real {label}** | {tot_n} | {tot_r} | **{100.0 * tot_r / tot_n:.2f} %** | |")
+
+    removal_rows_and_total(inf_sets, "informative")
     for lab in ("cell", "mixed", "empty"):
         m = muvis_lab == lab
         print(_removal_row(f"MUVIS SEM hand-labelled {lab}", filt, muvis_f[m], muvis_s[m])[0])
-    tot_r = tot_n = 0
-    for n, _, _ in uninf_sets:
-        row, r, k = _removal_row(n, filt, feats[n], sizes[n])
-        print(row)
-        tot_r, tot_n = tot_r + r, tot_n + k
-    print(f"| **ALL real uninformative** | {tot_n} | {tot_r} | **{100.0 * tot_r / tot_n:.2f} %** | |")
+    removal_rows_and_total(uninf_sets, "uninformative")
     for n, _, _ in extra_sets:
         print(_removal_row(n, filt, feats[n], sizes[n])[0])
     for lo, hi, label in ((0.8, 1.01, "alignment fill >= 80 %"), (0.2, 0.8, "alignment fill 20-80 %"),
