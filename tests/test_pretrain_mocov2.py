@@ -161,6 +161,15 @@ def test_loss_decreases_when_overfitting_a_small_set(corpus):
     assert late < 0.8 * early, f"loss did not decrease: {early:.3f} -> {late:.3f}"
 
 
+def _training_state(trainer: pl.Trainer, model: MoCoV2) -> dict[str, torch.Tensor]:
+    """What an exact resume must restore: queue, optimizer momentum, lr, momentum encoder."""
+    mb, opt = model.memory_bank, trainer.optimizers[0]
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+    return dict(keys=mb.keys.clone(), ptr=mb.ptr.clone(), n=mb.n_enqueued.clone(),
+                buf=opt.state[p0]["momentum_buffer"].clone(), lr=torch.tensor(opt.param_groups[0]["lr"]),
+                kenc=next(model.backbone_momentum.parameters()).clone())
+
+
 def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     seen_a: list[list[int]] = []
@@ -172,12 +181,7 @@ def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 3:
-                mb = pl_module.memory_bank
-                opt = trainer.optimizers[0]
-                p0 = next(p for p in pl_module.parameters() if p.requires_grad)
-                at_step3.update(keys=mb.keys.clone(), ptr=mb.ptr.clone(), n=mb.n_enqueued.clone(),
-                                buf=opt.state[p0]["momentum_buffer"].clone(), lr=torch.tensor(opt.param_groups[0]["lr"]),
-                                kenc=next(pl_module.backbone_momentum.parameters()).clone())
+                at_step3.update(_training_state(trainer, pl_module))
 
     pl.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=3, save_top_k=-1, save_last=True)
@@ -190,12 +194,7 @@ def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_
 
     class RecordB(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            mb = pl_module.memory_bank
-            opt = trainer.optimizers[0]
-            p0 = next(p for p in pl_module.parameters() if p.requires_grad)
-            restored.update(keys=mb.keys.clone(), ptr=mb.ptr.clone(), n=mb.n_enqueued.clone(),
-                            buf=opt.state[p0]["momentum_buffer"].clone(), lr=torch.tensor(opt.param_groups[0]["lr"]),
-                            kenc=next(pl_module.backbone_momentum.parameters()).clone())
+            restored.update(_training_state(trainer, pl_module))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen_b.append(batch["index"].tolist())
