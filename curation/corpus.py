@@ -365,13 +365,6 @@ class Corpus:
         patches = read_rows(self._shard, self.shard_index[indices], self.offsets[indices], self.patch_size)
         return patches, self.sizes[indices]
 
-    def locate(self, indices: Sequence[int] | np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Where patches live: (shard paths relative to the corpus, shard number per patch, row
-        per patch); with :func:`read_rows`, lets another process read them without the index."""
-        indices = np.asarray(indices, dtype=np.int64)
-        used, shard_no = np.unique(self.shard_index[indices], return_inverse=True)
-        return [self.shards[i] for i in used], shard_no.astype(np.int32), self.offsets[indices]
-
     def name_of(self, i: int) -> str:
         """CEM500K-style file stem: ``<source>-LOC-<axis>_<slice>_<y>_<x>``."""
         return f"{self.sources[self.source_index[i]]}-LOC-{self.axes[i]}_{self.slices[i]:04d}_{self.ys[i]}_{self.xs[i]}"

@@ -519,7 +519,7 @@ def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = T
 
 def filter_batch(root: str, shards: list[str], shard_no: np.ndarray, rows: np.ndarray, sizes: np.ndarray,
                  patch_size: int, patch_filter: Any) -> Any:
-    """Run ``patch_filter`` on patches read straight from their shards (in a worker)."""
+    """Run ``patch_filter`` on patches read straight from their shards (in a worker or in-process)."""
     from curation.corpus import read_rows
 
     maps: dict[int, np.ndarray] = {}
@@ -538,55 +538,55 @@ def apply_filter(
 ) -> None:
     """Stage 5: run the patch filter on exemplars (removed patches keep their reason and score).
 
-    With a parallel ``executor`` the numpy filters (stats, logistic) run in its workers; the
-    CEM500K classifier stays in this process (torch has its own threads, and maybe a GPU).
+    Only exemplars not yet judged by this very filter are read from the index (an O(exemplars)
+    query, not the whole corpus). With a parallel ``executor`` the numpy filters (stats,
+    logistic) run in its workers; the CEM500K classifier stays in this process (torch has its
+    own threads, and maybe a GPU).
     """
-    from curation.corpus import Corpus
     from curation.filters import Cem500kClassifierFilter, build_filter
 
     t0 = time.perf_counter()
     patch_filter = build_filter(settings.filter)
     signature = json.dumps(patch_filter.describe(), sort_keys=True) if patch_filter else "none"
-    corpus = Corpus(index.root, status=None)
-    table = index.patch_table(["id", "filter_sig"], "WHERE group_id = id")
-    todo_ids = table["id"][table["filter_sig"] != signature] if len(table["id"]) else np.array([], np.int64)
-    todo = np.searchsorted(corpus.ids, todo_ids.astype(np.int64))
-    bar = tqdm(total=len(todo), desc="filter", unit="patch", disable=not progress)
+    todo = index.patch_table(["id", "shard", "offset", "h", "w"],
+                             "WHERE group_id = id AND (filter_sig IS NULL OR filter_sig != ?)", (signature,))
+    ids = todo["id"].astype(np.int64)
+    bar = tqdm(total=len(ids), desc="filter", unit="patch", disable=not progress)
     parallel = (executor is not None and executor.kind != "serial" and patch_filter is not None
                 and not isinstance(patch_filter, Cem500kClassifierFilter))
     if parallel:  # smaller batches so both workers get some on a small corpus
-        batch = max(64, min(batch, math.ceil(len(todo) / (2 * executor.workers))))
+        batch = max(64, min(batch, math.ceil(len(ids) / (2 * executor.workers))))
 
     def record(pick: np.ndarray, res: Any) -> None:
         if res is None:
             keep, reason, score = np.ones(len(pick), bool), np.full(len(pick), "", object), np.full(len(pick), np.nan)
         else:
             keep, reason, score = res.keep, res.reason, res.score
-        index.set_decisions(corpus.ids[pick], {
+        index.set_decisions(ids[pick], {
             "filter_sig": np.full(len(pick), signature, dtype=object),
             "score": np.asarray(score, dtype=float),
             "filter_reason": np.where(keep, "", reason).astype(object),
         })
         bar.update(len(pick))
 
-    picks = [todo[start : start + batch] for start in range(0, len(todo), batch)]
-    if parallel:
-        pending: dict[Any, np.ndarray] = {}
+    def job(pick: np.ndarray) -> tuple:
+        shards, shard_no = np.unique(todo["shard"][pick], return_inverse=True)
+        sizes = np.stack([todo["h"][pick], todo["w"][pick]], 1).astype(np.int64)
+        return (str(index.root), shards.tolist(), shard_no.reshape(-1), todo["offset"][pick].astype(np.int64),
+                sizes, index.patch_size, patch_filter)
+
+    picks = [np.arange(start, min(start + batch, len(ids))) for start in range(0, len(ids), batch)]
+    if patch_filter is None:
         for pick in picks:
-            shards, shard_no, rows = corpus.locate(pick)
-            fut = executor.submit(filter_batch, str(corpus.root), shards, shard_no, rows, corpus.sizes[pick],
-                                  corpus.patch_size, patch_filter)
-            pending[fut] = pick
+            record(pick, None)
+    elif parallel:
+        pending = {executor.submit(filter_batch, *job(pick)): pick for pick in picks}
         while pending:
             for fut in executor.wait_any(list(pending)):
                 record(pending.pop(fut), fut.result())
     else:
         for pick in picks:
-            if patch_filter is None:
-                record(pick, None)
-            else:
-                patches, sizes = corpus.get_padded(pick)
-                record(pick, patch_filter(patches, sizes))
+            record(pick, filter_batch(*job(pick)))
     bar.close()
     with index.db:  # final verdict of every patch from its group and its filter result
         index.db.execute(
@@ -595,7 +595,7 @@ def apply_filter(
             "reason = CASE WHEN group_id != id THEN 'near-duplicate of #' || group_id ELSE filter_reason END"
         )
     index.meta["filter"] = patch_filter.describe() if patch_filter else {"name": "none"}
-    index.record_stage("filter", time.perf_counter() - t0, {"evaluated": int(len(todo))})
+    index.record_stage("filter", time.perf_counter() - t0, {"evaluated": int(len(ids))})
 
 
 def corpus_stats(root: Path, max_patches: int = 20000, seed: int = 0) -> dict[str, float]:

@@ -295,7 +295,6 @@ class _TiffVolume(_ArrayVolume):
 
     def _open(self) -> None:
         import tifffile
-        import zarr
 
         with _tifffile_errors() as errors:
             tif = tifffile.TiffFile(self.path)
@@ -321,6 +320,8 @@ class _TiffVolume(_ArrayVolume):
             dtype = series.dtype.newbyteorder(tif.byteorder)  # tifffile reports native order
             arr, chunks = np.memmap(self.path, dtype, "r", series.dataoffset, series.shape), None
         else:
+            import zarr  # only here: its import costs ~0.3 s in every worker process
+
             arr = zarr.open_array(series.aszarr(), mode="r")
             chunks = arr.chunks
         self._setup_array(arr, _tiff_axes(series.axes, series.shape), chunks=chunks, lut=lut)
