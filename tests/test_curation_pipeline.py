@@ -184,6 +184,28 @@ def test_filter_in_worker_processes_decides_as_in_process(small_corpus, tmp_path
     assert _rows(copy, query) == parallel
 
 
+def test_filter_stage_judges_only_exemplars_not_yet_judged_by_that_filter(small_corpus, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(small_corpus, copy)
+    query = "SELECT id, status, reason, score FROM patches ORDER BY id"
+    before = _rows(copy, query)
+    index = CorpusIndex(copy)
+    n_exemplars = index.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0]
+    assert 0 < n_exemplars < len(before)
+
+    def evaluated(spec: str) -> int:
+        pipeline.apply_filter(index, CurateSettings(filter=spec), progress=False, executor=None)
+        return index.stages()["filter"][1]["evaluated"]
+
+    assert evaluated("stats") == 0  # already judged by this very filter: nothing is read again
+    assert evaluated("none") == n_exemplars  # another filter judges every exemplar, never a duplicate
+    assert not index.db.execute("SELECT COUNT(*) FROM patches WHERE status = 'filtered'").fetchone()[0]
+    assert evaluated("stats:min_std=4") == n_exemplars
+    assert evaluated("stats") == n_exemplars
+    index.close()
+    assert _rows(copy, query) == before
+
+
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
     from curation.pipeline import StagingArea
 
