@@ -113,13 +113,19 @@ def _tool(argv: list[str]) -> int:
         print(json.dumps(metrics, indent=1))
         print(f"wrote {a.out}; use: cemnet curate ... --filter logistic:{a.out}")
     else:
-        from curation.corpus import CorpusIndex
+        from curation.corpus import CorpusIndex, CorpusLockedError
         from curation.report import write_report
 
         a = p.parse_args(rest)
-        index = CorpusIndex(a.corpus)
-        write_report(index)
-        index.close()
+        try:
+            index = CorpusIndex(a.corpus)
+        except (FileNotFoundError, CorpusLockedError) as err:
+            print(f"cemnet curate {tool}: {err}", file=sys.stderr)
+            return 2
+        try:
+            write_report(index)
+        finally:
+            index.close()
     return 0
 
 
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return _tool(argv)
     args = _build_parser().parse_args(argv)
+    from curation.corpus import CorpusLockedError
     from curation.pipeline import curate
     from curation.readers import ReaderError
 
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                skipped=skipped, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
-    except ValueError as err:  # e.g. mixing patch sizes in one corpus, a bad filter spec
+    except (ValueError, CorpusLockedError) as err:  # mixing patch sizes, a bad filter spec, a second writer
         print(f"cemnet curate: {err}", file=sys.stderr)
         return 2
     print(f"corpus: {Path(args.out).resolve()}")

@@ -12,10 +12,12 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -95,13 +97,68 @@ def read_rows(
     return out
 
 
+LOCK_FILE = ".lock"
+
+
+class CorpusLockedError(RuntimeError):
+    """Another writer (a running ``cemnet curate``, or an open :class:`CorpusIndex`) holds the corpus."""
+
+
+def lock_corpus(root: Path) -> IO[str] | None:
+    """Take ``root/.lock`` exclusively; the lock lasts while the returned file stays open.
+
+    It is an ``flock``: the kernel drops it when its holder exits, however it dies (Ctrl-C,
+    SIGKILL, OOM), so a crashed run never leaves a stale lock to remove by hand. On a file
+    system without locks (some network mounts) it warns and goes on unlocked; on a platform
+    without ``fcntl`` it does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CorpusLockedError(
+            f"{root}: the corpus is being written by {holder}; wait for that run to end (or stop it), "
+            "then run again: finished work is kept"
+        ) from None
+    except OSError as err:
+        warnings.warn(f"{root}: cannot lock the corpus ({err}); do not run two writers on it at once", stacklevel=3)
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    return handle
+
+
 class CorpusIndex:
     """Writer-side handle on ``CORPUS/index.sqlite`` and ``corpus.json``."""
 
     def __init__(self, root: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
+        """Open (``settings=None``) or create / extend the corpus at ``root``.
+
+        Holds the corpus's write lock until :meth:`close`: a second writer, in this process or
+        another, gets :class:`CorpusLockedError` instead of interleaving its writes.
+        """
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "corpus.json"
+        if settings is None and not meta_path.exists():
+            raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_corpus(self.root)
+        try:
+            self._open(meta_path, settings)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _open(self, meta_path: Path, settings: dict[str, Any] | None) -> None:
         if meta_path.exists():
             self.meta = json.loads(meta_path.read_text())
             if self.meta.get("format") != FORMAT_NAME:
@@ -117,8 +174,6 @@ class CorpusIndex:
                         )
                 self.meta["settings"] = {**old, **settings}
         else:
-            if settings is None:
-                raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
             self.meta = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -128,6 +183,11 @@ class CorpusIndex:
         self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         self.db.executescript(_SCHEMA)
         self.save_meta()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     def save_meta(self) -> None:
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -227,7 +287,11 @@ class CorpusIndex:
             self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?", data)
 
     def close(self) -> None:
-        self.db.close()
+        """Close the index and release the corpus's write lock (safe to call twice)."""
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+            self.db = None
+        self._release_lock()
 
 
 def _py(value: Any) -> Any:

@@ -246,8 +246,8 @@ class StagingArea:
     so a 400 MB staging file costs ~1 s of a 4 s run). Otherwise, and always with a Dask cluster
     (whose workers do not share this machine's RAM), ``CORPUS/work``. RAM staging is bounded by
     ``ram_fraction`` of the available memory over all volumes staged at once; files are removed
-    when their source is done or fails, when the run stops (error, Ctrl-C), and, if a killed run
-    left one, when its source resumes.
+    when their source is done or fails and when the run stops (error, Ctrl-C); what a killed run
+    left behind is removed by :meth:`discard_leftovers` when the next run on the corpus starts.
     """
 
     def __init__(self, root: Path, use_ram: bool = True, ram_fraction: float = 0.25) -> None:
@@ -286,6 +286,17 @@ class StagingArea:
         if path == ram:
             self._ram_bytes[source] = nbytes
         return str(path)
+
+    def discard_leftovers(self) -> list[Path]:
+        """Remove staging files that a killed run (SIGKILL, OOM, power loss) left for this corpus,
+        in RAM and in ``CORPUS/work``. Only call it while holding the corpus lock (as
+        :func:`extract` does): then no other run can be using them. Returns what was removed."""
+        stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if Path("/dev/shm").is_dir() else []
+        stale += sorted((self.root / "work").glob("*.u8.npy"))
+        for path in stale:
+            if path not in self.live.values():
+                path.unlink(missing_ok=True)
+        return stale
 
     def release(self, source: str) -> None:
         path = self.live.pop(source, None)
@@ -392,6 +403,8 @@ def extract(
         pending[executor.submit(inspect_source, name, spec_json, root, cfg)] = ("inspect", name)
 
     staging_area = StagingArea(index.root, use_ram=executor.kind != "dask")
+    for path in staging_area.discard_leftovers():  # safe: the index holds the corpus lock
+        tqdm.write(f"removed {path}, staging left by an earlier run that was killed", file=sys.stderr)
     bar = tqdm(total=0, desc="extract", unit="unit", disable=not progress, dynamic_ncols=True)
     bar.total = len(pending)
     waiting_planes: dict[str, tuple[list[Unit], set[str]]] = {}  # source -> (plane units, open xy keys)
@@ -632,27 +645,32 @@ def curate(
 
     Returns the corpus folder. Sources finished in an earlier run are skipped; units finished
     before an interruption are kept.
+
+    Raises:
+        curation.corpus.CorpusLockedError: another run (or open ``CorpusIndex``) is writing ``out``.
     """
     settings = settings or CurateSettings()
-    index = CorpusIndex(out, settings.to_json())
-    for path, problem in skipped:
-        index.add_skipped(str(path), problem)
-    executor = Executor(workers, scheduler)
-    t0 = time.perf_counter()
+    index = CorpusIndex(out, settings.to_json())  # holds the corpus lock until closed
     try:
-        extract(index, specs, settings, executor, progress)
-        index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
-        deduplicate(index, settings, progress)
-        apply_filter(index, settings, progress=progress, executor=executor)
-    finally:
-        executor.shutdown()
-        _scratch_buffers.__dict__.clear()  # in-process (serial) runs: do not hold the buffers
-    write_index_cache(index.root)  # after the last write to index.sqlite of this run
-    index.meta["stats"] = corpus_stats(index.root)
-    index.save_meta()
-    if report:
-        from curation.report import write_report
+        for path, problem in skipped:
+            index.add_skipped(str(path), problem)
+        executor = Executor(workers, scheduler)
+        t0 = time.perf_counter()
+        try:
+            extract(index, specs, settings, executor, progress)
+            index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
+            deduplicate(index, settings, progress)
+            apply_filter(index, settings, progress=progress, executor=executor)
+        finally:
+            executor.shutdown()
+            _scratch_buffers.__dict__.clear()  # in-process (serial) runs: do not hold the buffers
+        write_index_cache(index.root)  # after the last write to index.sqlite of this run
+        index.meta["stats"] = corpus_stats(index.root)
+        index.save_meta()
+        if report:
+            from curation.report import write_report
 
-        write_report(index)
-    index.close()
+            write_report(index)
+    finally:
+        index.close()  # also when interrupted: a notebook can run curate again at once
     return Path(out)

@@ -142,6 +142,7 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     done_before = _rows(tmp_path / "c", "SELECT key FROM tasks")
     assert 0 < len(done_before) < 7
     calls.clear()
+    # The interrupted run released the corpus lock, so this process can run again at once.
     curate([spec], tmp_path / "c", settings, workers=1, progress=False)
     redone = {k for k in calls if not k.startswith("stage-")}
     assert not redone & {k for (k,) in done_before}, "finished units must not run again"
@@ -204,6 +205,61 @@ def test_filter_stage_judges_only_exemplars_not_yet_judged_by_that_filter(small_
     assert evaluated("stats") == n_exemplars
     index.close()
     assert _rows(copy, query) == before
+
+
+def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(small_corpus, shared_data, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from curation.cli import main as curate_cli
+    from curation.corpus import CorpusLockedError
+
+    copy = tmp_path / "c"
+    shutil.copytree(small_corpus, copy)
+    before = _rows(copy, "SELECT * FROM patches ORDER BY id")
+    image = str(shared_data / "isbi2012" / "train" / "images" / "0.png")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from curation.corpus import CorpusIndex; "
+         "index = CorpusIndex(sys.argv[1]); print('holding', flush=True); time.sleep(60)", str(copy)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(CorpusLockedError, match=f"being written by pid {holder.pid} on "):
+            curate([SourceSpec(path=image, name="extra")], copy, workers=1, progress=False)
+        assert curate_cli([image, "--out", str(copy), "--workers", "1", "--no-progress"]) == 2
+        assert f"{copy}: the corpus is being written by pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # the kernel drops an flock however its holder dies
+        holder.wait()
+    assert _rows(copy, "SELECT * FROM patches ORDER BY id") == before  # the refused runs wrote nothing
+
+    index = CorpusIndex(copy)  # no stale lock after the SIGKILL
+    with pytest.raises(CorpusLockedError):
+        CorpusIndex(copy)  # a second handle in the same process is a second writer too
+    index.close()
+    curate([SourceSpec(path=image, name="extra")], copy, workers=1, progress=False, report=False)
+    assert _rows(copy, "SELECT COUNT(*) FROM patches WHERE source = 'extra'")[0][0] == 4
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
+    from curation.pipeline import StagingArea
+
+    copy = tmp_path / "c"
+    shutil.copytree(small_corpus, copy)
+    ours, other = StagingArea(copy), StagingArea(tmp_path / "another-corpus")
+    leftovers = [*ours._paths("ghost"), other._paths("ghost")[0]]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.zeros((2, 4, 4), np.uint8))
+    try:
+        curate([], copy, workers=1, progress=False, report=False)  # nothing to extract: just a run
+        assert [p.exists() for p in leftovers] == [False, False, True]  # another corpus's file is not ours
+    finally:
+        for path in leftovers:
+            path.unlink(missing_ok=True)
 
 
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
