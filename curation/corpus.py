@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, path TEXT NOT NULL, dataset TEXT, reader TEXT,
     shape_zyx TEXT, dtype TEXT, voxel_size_zyx TEXT, voxel_size_from TEXT, axes TEXT,
     uint8_rule TEXT, status TEXT NOT NULL DEFAULT 'pending', error TEXT,
-    n_patches INTEGER DEFAULT 0, seconds REAL DEFAULT 0, notes TEXT
+    n_patches INTEGER DEFAULT 0, seconds REAL DEFAULT 0, notes TEXT, fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
     source TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, n_patches INTEGER,
@@ -182,6 +182,10 @@ class CorpusIndex:
             }
         self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(sources)")}
+        if "fingerprint" not in columns:  # a corpus written before sources were fingerprinted
+            with self.db:
+                self.db.execute("ALTER TABLE sources ADD COLUMN fingerprint TEXT")
         self.save_meta()
 
     def _release_lock(self) -> None:
@@ -250,6 +254,20 @@ class CorpusIndex:
             self.db.execute(
                 "INSERT OR REPLACE INTO tasks VALUES (?, ?, 'done', ?, ?)", (source, key, len(rows), seconds)
             )
+
+    def forget_source(self, name: str) -> int:
+        """Drop every patch, work unit and shard of ``name`` (its data changed); returns how many
+        patches it had. Shards go first: a crash in between leaves units whose shard is missing,
+        which :meth:`done_tasks` already treats as not done."""
+        import shutil
+
+        shutil.rmtree(self.root / "shards" / name, ignore_errors=True)
+        with self.db:
+            n = self.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
+            self.db.execute("DELETE FROM patches WHERE source=?", (name,))
+            self.db.execute("DELETE FROM tasks WHERE source=?", (name,))
+            self.db.execute("UPDATE sources SET status='pending', n_patches=0 WHERE name=?", (name,))
+        return int(n)
 
     def add_skipped(self, path: str, problem: str) -> None:
         with self.db:

@@ -37,6 +37,7 @@ from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
+from curation.readers import source_fingerprint
 
 
 @dataclass
@@ -390,15 +391,26 @@ def extract(
     root, cfg = str(index.root), settings.to_json()
     pending: dict[Any, tuple[str, Any]] = {}  # future -> (what, payload)
     names: dict[str, Any] = {}
+    changed: dict[str, str] = {}  # source -> note: its file changed since an earlier run
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
         spec_json["name"] = name
         row = index.source(name)
+        fingerprint = source_fingerprint(spec.path)
+        if row is not None and row.get("fingerprint") not in (None, fingerprint):
+            n = index.forget_source(name)  # never mix patches of two versions of a file
+            if n:
+                changed[name] = (f"changed since an earlier run (file sizes / times differ): "
+                                 f"its {n} earlier patches were discarded and it was cut again")
+                tqdm.write(f"{spec.path}: {changed[name]}", file=sys.stderr)
+            row = index.source(name)
         if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
+            if row.get("fingerprint") is None:  # curated before sources were fingerprinted: baseline now
+                index.upsert_source(name, fingerprint=fingerprint)
             continue  # finished in an earlier run, every shard intact
         index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
-                            reader=spec_json, status="running", error=None)
+                            reader=spec_json, status="running", error=None, fingerprint=fingerprint)
         names[name] = spec_json
         pending[executor.submit(inspect_source, name, spec_json, root, cfg)] = ("inspect", name)
 
@@ -461,7 +473,8 @@ def extract(
                         name, shape_zyx=list(insp.info["shape"]), dtype=str(insp.info["dtype"]),
                         voxel_size_zyx=insp.info.get("voxel_size"),
                         voxel_size_from=insp.info.get("voxel_size_from"),
-                        axes=insp.planes, uint8_rule=insp.converter.describe(), notes=insp.notes,
+                        axes=insp.planes, uint8_rule=insp.converter.describe(),
+                        notes=insp.notes + ([changed[name]] if name in changed else []),
                     )
                     if insp.result is not None:
                         index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows, insp.result.seconds)

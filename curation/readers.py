@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -793,6 +795,55 @@ def _is_zarr_dir(path: Path) -> bool:
         path.name.lower().endswith(".zarr")
         or any((path / m).is_file() for m in ("zarr.json", ".zgroup", ".zarray"))
     )
+
+
+_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+
+
+def _zarr_metadata_files(root: Path) -> list[Path]:
+    """Metadata files of a zarr store, groups descended, arrays not listed (an array folder may
+    hold millions of chunk files)."""
+    found, todo = [], [root]
+    while todo:
+        folder = todo.pop()
+        found += [folder / m for m in _ZARR_METADATA if (folder / m).is_file()]
+        is_array = (folder / ".zarray").is_file() or (
+            (folder / "zarr.json").is_file() and '"array"' in (folder / "zarr.json").read_text(errors="replace"))
+        if not is_array:
+            todo += sorted(folder / n for n in os.listdir(folder) if (folder / n).is_dir())
+    return found
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files whose sizes and modification times stand for a source's content (no decoding).
+
+    A file (with, for a detached NRRD header, its data files: same stem, same folder); a folder
+    of slices: its image files; a zarr store: its metadata files only, since listing every chunk
+    of a large store would cost minutes (so a chunk rewritten in place goes unnoticed).
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() == ".nhdr":
+            stem = p.name[: -len(".nhdr")]
+            return [p] + sorted(q for q in p.parent.glob(glob_escape(stem) + ".*") if q != p and q.is_file())
+        return [p]
+    if _is_zarr_dir(p):
+        return _zarr_metadata_files(p)
+    if p.is_dir():
+        return [p / n for n in natural_sorted(os.listdir(p))
+                if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS) and (p / n).is_file()]
+    return []
+
+
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """A short digest of :func:`source_files`' names, sizes and mtimes: changes when the data does."""
+    root = Path(path)
+    digest = hashlib.sha1()
+    for f in source_files(root):
+        st = f.stat()
+        rel = f.relative_to(root) if f != root and root in f.parents else f.name
+        digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def reader_for(path: str | os.PathLike) -> type[Volume] | str:

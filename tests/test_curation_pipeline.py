@@ -244,6 +244,48 @@ def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(small_corpus, s
     assert _rows(copy, "SELECT COUNT(*) FROM patches WHERE source = 'extra'")[0][0] == 4
 
 
+def test_a_source_rewritten_since_an_earlier_run_is_cut_again(shared_data, tmp_path, capsys):
+    """A lab re-exports a stack under the same name: its old patches must not linger or mix."""
+    isbi = shared_data / "isbi2012" / "train" / "images"
+    stack = tmp_path / "stack.tif"
+
+    def export(first: int) -> None:
+        tifffile.imwrite(stack, np.stack([np.asarray(Image.open(isbi / f"{k}.png")) for k in range(first, first + 3)]), photometric="minisblack")
+
+    def patches(corpus) -> list:
+        return _rows(corpus, "SELECT axis, slice, y, x, hash FROM patches ORDER BY 1, 2, 3, 4")
+
+    settings = CurateSettings(filter="none")
+    export(0)
+    curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
+    first = patches(tmp_path / "c")
+    assert len(first) == 3 * 4  # 3 slices of 512^2 -> 2x2 xy patches; 3-px-thin xz/yz planes give none
+    ids = _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id")
+    curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
+    assert _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id") == ids  # unchanged: nothing redone
+    assert "changed since" not in capsys.readouterr().err
+
+    export(10)  # same path, other slices
+    curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
+    assert f"{stack}: changed since an earlier run" in capsys.readouterr().err
+    curate([SourceSpec(path=str(stack))], tmp_path / "fresh", settings, workers=1, progress=False, report=False)
+    assert patches(tmp_path / "c") == patches(tmp_path / "fresh") != first
+    assert len(list((tmp_path / "c" / "shards" / "stack").glob("*.npy"))) == len(
+        list((tmp_path / "fresh" / "shards" / "stack").glob("*.npy")))
+    notes = json.loads(_rows(tmp_path / "c", "SELECT notes FROM sources")[0][0])
+    assert any(f"its {len(first)} earlier patches were discarded" in n for n in notes)
+
+    # A corpus written before sources were fingerprinted gains the column and is not re-cut.
+    db = sqlite3.connect(tmp_path / "c" / "index.sqlite")
+    db.execute("ALTER TABLE sources DROP COLUMN fingerprint")
+    db.commit()
+    db.close()
+    ids = _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id")
+    curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
+    assert _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id") == ids
+    assert _rows(tmp_path / "c", "SELECT fingerprint IS NOT NULL FROM sources") == [(1,)]
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 

@@ -596,3 +596,32 @@ def test_spec_json_describe_and_pickling(shared_data):
     assert d["notes"] == ["option 'key' does not apply to tiff sources; ignored"]
     err = pickle.loads(pickle.dumps(ReaderError("a.png", "empty file (0 bytes)")))
     assert (err.path, err.problem, str(err)) == ("a.png", "empty file (0 bytes)", "a.png: empty file (0 bytes)")
+
+
+def test_source_files_and_fingerprint_stand_for_the_data_not_every_chunk(shared_data, made, tmp_path):
+    import nrrd
+
+    from curation.readers import source_files, source_fingerprint
+
+    folder = shared_data / "neuroproof_fibsem_medulla" / "training_sample1" / "grayscale_maps"
+    assert [f.name for f in source_files(folder)] == natural_sorted(p.name for p in folder.glob("*.png"))
+    # zarr stores: metadata only, never the chunk files (a large store has millions)
+    v2 = source_files(made["v2.zarr"])
+    assert {f.name for f in v2} <= {".zgroup", ".zattrs", ".zarray"} and made["v2.zarr"] / "0" / ".zarray" in v2
+    v3 = source_files(shared_data / TILE_ZARR)
+    assert len(v3) == 4 and {f.name for f in v3} == {"zarr.json"}  # the group and its 3 levels
+    # a detached NRRD header comes with its data file
+    nrrd.write(str(tmp_path / "detached.nhdr"), made["sub"], detached_header=True)
+    assert {f.name for f in source_files(tmp_path / "detached.nhdr")} == {p.name for p in tmp_path.glob("detached.*")}
+    assert len(list(tmp_path.glob("detached.*"))) == 2
+    # the fingerprint follows any slice's size or time, and nothing else
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    for f in source_files(folder)[:3]:
+        shutil.copy2(f, stack / f.name)
+    before = source_fingerprint(stack)
+    (stack / "notes.txt").write_text("not a slice")
+    assert source_fingerprint(stack) == before
+    st = (stack / source_files(folder)[1].name).stat()
+    os.utime(stack / source_files(folder)[1].name, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert source_fingerprint(stack) != before
