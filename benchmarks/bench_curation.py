@@ -2,6 +2,7 @@
 
     python benchmarks/bench_curation.py extract [--workers 2] [--size 400 1000 1000]
     python benchmarks/bench_curation.py dedup [--n 1000000 10000000]
+    python benchmarks/bench_curation.py files [--workers 2]
 
 ``extract``: builds a near-isotropic 3D volume from the real NeuroProof FIB-SEM stacks (the two
 250^3 samples, mirrored and tiled to the requested size, saved as one multipage TIFF), then times
@@ -18,6 +19,10 @@ volume with tifffile instead of SimpleITK (measured: same speed, same array). A 
 run splits the slicing over the processes too, kinder to the reference than its code.
 Every timed run starts after ``sync`` so no run pays for the previous run's write-back.
 ``--workdir /dev/shm`` puts everything in RAM and so takes the disk out of the comparison.
+
+``files``: many small real 2D images, each its own source (all NeuroProof slices of both samples,
+250 x 250, one patch each, plus the ISBI 2012 train and test slices, 512 x 512, four each): the
+per-source overhead (inspection, index writes) that dominates corpora of many small images.
 
 ``dedup``: hashes of real patches (random 224 crops of the shared EM data at random planes and
 offsets), then for 10M a cloud of hashes derived from them by flipping random bits (stated in the
@@ -199,6 +204,39 @@ def bench_extract(shape, workers: int, reference: bool = True, workdir: str | No
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> None:
+    import curation
+    from curation.pipeline import CurateSettings, curate
+    from curation.readers import discover
+
+    folders = [DATA / "neuroproof_fibsem_medulla", DATA / "isbi2012" / "train" / "images", DATA / "isbi2012" / "test"]
+    specs, _ = discover([str(f) for f in folders])
+    work = Path(tempfile.mkdtemp(prefix="cemnet-bench-files-", dir=workdir))
+    try:
+        if copies > 1:  # more sources: hard links to the same real images under other names
+            links = work / "images"
+            links.mkdir()
+            for k in range(copies):
+                for i, spec in enumerate(specs):
+                    target = links / f"c{k}_{i}{Path(spec.path).suffix}"
+                    try:
+                        os.link(spec.path, target)
+                    except OSError:  # another file system: copy
+                        shutil.copyfile(spec.path, target)
+            specs, _ = discover([str(links)])
+        _settle()
+        t0 = time.perf_counter()
+        curate(specs, work / "corpus", CurateSettings(), workers=workers, progress=False, report=False)
+        total = time.perf_counter() - t0
+        from curation.corpus import Corpus
+
+        n = len(Corpus(work / "corpus", status=None))
+        print(f"cemnet curate ({Path(curation.__file__).parent}): {len(specs)} 2D sources, {n} patches in "
+              f"{total:.2f} s = {len(specs) / total:.0f} sources/s, {n / total:.0f} patches/s, {workers} processes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def real_hashes(n: int, seed: int = 0) -> np.ndarray:
     """Hashes of ``n`` random 224 crops (random plane, position) of the real shared EM data."""
     from PIL import Image
@@ -266,9 +304,15 @@ def main() -> None:
                    "/dev/shm takes the disk out of the comparison")
     d = sub.add_parser("dedup")
     d.add_argument("--n", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    f = sub.add_parser("files")
+    f.add_argument("--workers", type=int, default=2)
+    f.add_argument("--copies", type=int, default=1, help="use each image this many times (as hard links)")
+    f.add_argument("--workdir", help="where the corpus goes (default: the system temp folder)")
     a = p.parse_args()
     if a.what == "extract":
         bench_extract(tuple(a.size), a.workers, reference=not a.no_reference, workdir=a.workdir)
+    elif a.what == "files":
+        bench_files(a.workers, copies=a.copies, workdir=a.workdir)
     else:
         bench_dedup(a.n)
 

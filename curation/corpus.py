@@ -17,7 +17,7 @@ import sqlite3
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -140,6 +140,8 @@ def lock_corpus(root: Path) -> IO[str] | None:
 class CorpusIndex:
     """Writer-side handle on ``CORPUS/index.sqlite`` and ``corpus.json``."""
 
+    commit_every: float = 2.0  # seconds between commits of batched changes (see write)
+
     def __init__(self, root: str | os.PathLike, settings: dict[str, Any] | None = None) -> None:
         """Open (``settings=None``) or create / extend the corpus at ``root``.
 
@@ -180,12 +182,13 @@ class CorpusIndex:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "settings": settings,
             }
-        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+        # Autocommit mode: transactions are ours (see write / flush), not the sqlite3 module's.
+        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        self._last_commit = time.monotonic()
         self.db.executescript(_SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(sources)")}
         if "fingerprint" not in columns:  # a corpus written before sources were fingerprinted
-            with self.db:
-                self.db.execute("ALTER TABLE sources ADD COLUMN fingerprint TEXT")
+            self.db.execute("ALTER TABLE sources ADD COLUMN fingerprint TEXT")
         self.save_meta()
 
     def _release_lock(self) -> None:
@@ -207,7 +210,7 @@ class CorpusIndex:
     def upsert_source(self, name: str, **fields: Any) -> None:
         """Create the source row or update the given fields of it."""
         fields = {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in fields.items()}
-        with self.db:
+        with self.write():
             cur = self.db.execute(
                 f"UPDATE sources SET {', '.join(f'{c}=?' for c in fields)} WHERE name=?", (*fields.values(), name)
             )
@@ -245,7 +248,7 @@ class CorpusIndex:
 
         Rows of an earlier, interrupted attempt at the same shard are replaced, never doubled.
         """
-        with self.db:
+        with self.write():
             self.db.execute("DELETE FROM patches WHERE shard=?", (shard,))
             self.db.executemany(
                 f"INSERT INTO patches ({', '.join(PATCH_COLUMNS)}) VALUES ({', '.join('?' * len(PATCH_COLUMNS))})",
@@ -262,7 +265,7 @@ class CorpusIndex:
         import shutil
 
         shutil.rmtree(self.root / "shards" / name, ignore_errors=True)
-        with self.db:
+        with self.write():
             n = self.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
             self.db.execute("DELETE FROM patches WHERE source=?", (name,))
             self.db.execute("DELETE FROM tasks WHERE source=?", (name,))
@@ -270,19 +273,19 @@ class CorpusIndex:
         return int(n)
 
     def add_skipped(self, path: str, problem: str) -> None:
-        with self.db:
+        with self.write():
             self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
             self.db.execute("INSERT INTO skipped VALUES (?, ?, ?)", (path, problem, time.time()))
 
     def clear_skipped(self, path: str) -> None:
-        with self.db:
+        with self.write():
             self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
 
     def skipped(self) -> list[tuple[str, str]]:
         return [tuple(r) for r in self.db.execute("SELECT path, problem FROM skipped ORDER BY at")]
 
     def record_stage(self, name: str, seconds: float, info: dict[str, Any] | None = None) -> None:
-        with self.db:
+        with self.write():
             self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?)", (name, seconds, json.dumps(info or {})))
 
     def stages(self) -> dict[str, tuple[float, dict]]:
@@ -301,12 +304,43 @@ class CorpusIndex:
         sets = ", ".join(f"{c}=?" for c in cols)
         values = [column_values[c] for c in cols]
         data = [tuple(_py(v[i]) for v in values) + (int(ids[i]),) for i in range(len(ids))]
-        with self.db:
+        with self.write():
             self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?", data)
 
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One all-or-nothing change to the index (a savepoint) inside a batched transaction.
+
+        Committing every change made SQLite fsync several times per source: 0.8 ms each on a
+        local disk, 10+ ms on a network file system, minutes for 100k small 2D images. Changes
+        are committed together at most every :attr:`commit_every` seconds, by :meth:`flush`
+        and by :meth:`close` (also on Ctrl-C). A killed process or a power loss therefore loses
+        at most the last few seconds of work, whose units are redone on resume; the database
+        itself stays consistent (SQLite's journal), and a change is never half applied.
+        """
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+        self.db.execute("SAVEPOINT change")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK TO change")
+            self.db.execute("RELEASE change")
+            raise
+        self.db.execute("RELEASE change")
+        if time.monotonic() - self._last_commit >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the changes batched so far (other connections see only committed data)."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+        self._last_commit = time.monotonic()
+
     def close(self) -> None:
-        """Close the index and release the corpus's write lock (safe to call twice)."""
+        """Commit, close the index and release the corpus's write lock (safe to call twice)."""
         if getattr(self, "db", None) is not None:
+            self.flush()
             self.db.close()
             self.db = None
         self._release_lock()

@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -333,10 +334,14 @@ class Executor:
     def __init__(self, workers: int = 2, scheduler: str | None = None) -> None:
         self.kind = "dask" if scheduler else ("serial" if workers <= 1 else "processes")
         self.workers = max(1, workers)
+        # Tasks handed to the pool at once: enough to keep every worker busy; the rest wait in
+        # extract's backlog (waiting on 100k futures at a time is quadratic).
+        self.max_in_flight = 4 * self.workers if workers > 1 else 1
         if scheduler:
             from distributed import Client
 
             self._client = Client(scheduler)
+            self.max_in_flight = max(64, 4 * sum(self._client.nthreads().values()))
         elif workers > 1:
             import multiprocessing as mp
 
@@ -392,6 +397,11 @@ def extract(
     pending: dict[Any, tuple[str, Any]] = {}  # future -> (what, payload)
     names: dict[str, Any] = {}
     changed: dict[str, str] = {}  # source -> note: its file changed since an earlier run
+    open_work: Counter[str] = Counter()  # source -> its queued or running, unfinished inspect / units
+    # Work waits here and enters the pool a few tasks at a time, units of sources already open
+    # before new sources: few sources in flight, so few staging copies alive at once.
+    unit_backlog: deque[Unit] = deque()
+    inspect_backlog: deque[str] = deque()
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
@@ -412,23 +422,37 @@ def extract(
         index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
                             reader=spec_json, status="running", error=None, fingerprint=fingerprint)
         names[name] = spec_json
-        pending[executor.submit(inspect_source, name, spec_json, root, cfg)] = ("inspect", name)
+        inspect_backlog.append(name)
+        open_work[name] += 1
 
     staging_area = StagingArea(index.root, use_ram=executor.kind != "dask")
     for path in staging_area.discard_leftovers():  # safe: the index holds the corpus lock
         tqdm.write(f"removed {path}, staging left by an earlier run that was killed", file=sys.stderr)
     bar = tqdm(total=0, desc="extract", unit="unit", disable=not progress, dynamic_ncols=True)
-    bar.total = len(pending)
+    bar.total = len(inspect_backlog)
     waiting_planes: dict[str, tuple[list[Unit], set[str]]] = {}  # source -> (plane units, open xy keys)
     failed: set[str] = set()
     t_source: dict[str, float] = {n: time.perf_counter() for n in names}
     n_patches = 0
 
     def submit(units: list[Unit]) -> None:
-        for u in units:
-            pending[executor.submit(run_unit, u)] = ("unit", u)
+        unit_backlog.extend(units)
+        open_work.update(u.source for u in units)
         bar.total += len(units)
         bar.refresh()
+
+    def fill() -> None:
+        while len(pending) < executor.max_in_flight and (unit_backlog or inspect_backlog):
+            if unit_backlog:
+                unit = unit_backlog.popleft()
+                if unit.source in failed:  # its source already failed: skip, do not run
+                    open_work[unit.source] -= 1
+                    bar.update(1)
+                    continue
+                pending[executor.submit(run_unit, unit)] = ("unit", unit)
+            else:
+                name = inspect_backlog.popleft()
+                pending[executor.submit(inspect_source, name, names[name], root, cfg)] = ("inspect", name)
 
     def finish_source(name: str) -> None:
         count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
@@ -449,17 +473,17 @@ def extract(
         if name in waiting_planes and not open_xy:
             del waiting_planes[name]
             submit(plane_units)
-        if name not in waiting_planes and not any(
-            (w == "unit" and p.source == name) or (w == "inspect" and p == name) for w, p in pending.values()
-        ) and name not in failed:
+        if name not in waiting_planes and not open_work[name] and name not in failed:
             finish_source(name)
 
     try:
+        fill()
         while pending:
             for fut in executor.wait_any(list(pending)):
                 what, payload = pending.pop(fut)
                 bar.update(1)
                 name = payload if what == "inspect" else payload.source
+                open_work[name] -= 1
                 if name in failed:
                     continue
                 try:
@@ -504,6 +528,7 @@ def extract(
                         waiting_planes[name][1].discard(unit.key)
                 bar.set_postfix(patches=n_patches)
                 maybe_release_planes(name)
+            fill()
     except KeyboardInterrupt:
         bar.close()
         executor.shutdown(cancel=True)
@@ -614,7 +639,7 @@ def apply_filter(
         for pick in picks:
             record(pick, filter_batch(*job(pick)))
     bar.close()
-    with index.db:  # final verdict of every patch from its group and its filter result
+    with index.write():  # final verdict of every patch from its group and its filter result
         index.db.execute(
             "UPDATE patches SET "
             "status = CASE WHEN group_id != id THEN 'duplicate' WHEN filter_reason = '' THEN 'kept' ELSE 'filtered' END, "
@@ -677,6 +702,7 @@ def curate(
         finally:
             executor.shutdown()
             _scratch_buffers.__dict__.clear()  # in-process (serial) runs: do not hold the buffers
+        index.flush()  # readers (the cache, stats, report) see committed data only
         write_index_cache(index.root)  # after the last write to index.sqlite of this run
         index.meta["stats"] = corpus_stats(index.root)
         index.save_meta()

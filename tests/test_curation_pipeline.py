@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,79 @@ def test_a_source_rewritten_since_an_earlier_run_is_cut_again(shared_data, tmp_p
     curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
     assert _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id") == ids
     assert _rows(tmp_path / "c", "SELECT fingerprint IS NOT NULL FROM sources") == [(1,)]
+
+
+def _slices_as_sources(shared_data, n):
+    """n real 250^2 FIB-SEM slices as n separate 2D sources (one patch each): a many-files corpus."""
+    files = sorted((shared_data / NEUROPROOF).glob("*.png"))[:n]
+    return [SourceSpec(path=str(f), name=f"slice{k:03d}") for k, f in enumerate(files)]
+
+
+def test_many_small_sources_few_commits_and_a_bounded_pool(shared_data, tmp_path, monkeypatch):
+    """Per-source commits made SQLite fsync ~5 times per image; 100k-image corpora took hours."""
+    import curation.corpus
+
+    statements = []
+    real_connect = sqlite3.connect
+
+    def traced_connect(*args, **kwargs):
+        db = real_connect(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(curation.corpus.sqlite3, "connect", traced_connect)
+    in_pool = []
+    real_wait_any = pipeline.Executor.wait_any
+    monkeypatch.setattr(pipeline.Executor, "wait_any",
+                        lambda self, futures: in_pool.append(len(futures)) or real_wait_any(self, futures))
+    specs = _slices_as_sources(shared_data, 60)
+    curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False, report=False)
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM sources WHERE status = 'done'")[0][0] == 60
+    commits = sum(s.strip().upper() == "COMMIT" for s in statements)
+    assert 1 <= commits <= 10, f"{commits} commits for 60 sources"
+    assert max(in_pool) <= 8  # 4 tasks per worker process, the rest waits in the backlog
+
+
+def test_killed_mid_run_loses_only_uncommitted_work_and_resumes(shared_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    specs = _slices_as_sources(shared_data, 40)
+    script = (
+        "import sys, time, json\n"
+        "from curation import pipeline\n"
+        "from curation.corpus import CorpusIndex\n"
+        "from curation.readers import SourceSpec\n"
+        "CorpusIndex.commit_every = 0.2\n"
+        "real = pipeline.inspect_source\n"
+        "def slow(*a):\n"
+        "    time.sleep(0.05)\n"
+        "    return real(*a)\n"
+        "pipeline.inspect_source = slow\n"
+        "specs = [SourceSpec(**d) for d in json.loads(sys.argv[2])]\n"
+        "pipeline.curate(specs, sys.argv[1], pipeline.CurateSettings(filter='none'), workers=1, progress=False)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "c"),
+                            json.dumps([{"path": s.path, "name": s.name} for s in specs])])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until some, not all, sources are committed
+        time.sleep(0.1)
+        try:
+            done = _rows(tmp_path / "c", "SELECT COUNT(*) FROM tasks")[0][0]
+        except sqlite3.OperationalError:
+            continue  # not created yet, or busy
+        if done >= 5:
+            break
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert 5 <= done < 40
+    assert _rows(tmp_path / "c", "PRAGMA integrity_check") == [("ok",)]
+    curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=1, progress=False, report=False)
+    curate(specs, tmp_path / "clean", CurateSettings(filter="none"), workers=1, progress=False, report=False)
+    query = "SELECT source, axis, slice, y, x, hash, status FROM patches ORDER BY 1, 2, 3, 4, 5"
+    assert _rows(tmp_path / "c", query) == _rows(tmp_path / "clean", query)
+    assert len(_rows(tmp_path / "c", query)) == 40
 
 
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
