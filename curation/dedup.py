@@ -55,6 +55,10 @@ def greedy_groups(
     group = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return group
+    if n == 1:  # a dataset of one patch (a single 2D image): no index to build
+        if progress is not None:
+            progress.update(1)
+        return np.zeros(1, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(n)
     codes = _codes(hashes)
     remaining = order  # patches not yet in a group, in visiting order
