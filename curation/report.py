@@ -20,11 +20,14 @@ def source_counts(index: CorpusIndex) -> list[dict[str, Any]]:
         (s, st): n
         for s, st, n in index.db.execute("SELECT source, status, COUNT(*) FROM patches GROUP BY source, status")
     }
+    raw_of: dict[str, int] = {}
+    for (s, _), n in counts.items():
+        raw_of[s] = raw_of.get(s, 0) + n
     rows = []
     for src in index.sources():
         name = src["name"]
         dup, filt, kept = (counts.get((name, k), 0) for k in ("duplicate", "filtered", "kept"))
-        raw = sum(n for (s, _), n in counts.items() if s == name)
+        raw = raw_of.get(name, 0)
         rows.append({
             "source": name, "dataset": src["dataset"], "status": src["status"], "raw": raw,
             "after_dedup": raw - dup, "kept": kept, "duplicates": dup, "filtered": filt,
@@ -115,32 +118,72 @@ def write_report(index: CorpusIndex, seed: int = 0) -> Path:
     return out / "report.html"
 
 
-def summary_table(rows: list[dict], totals: dict[str, int], skipped: list[tuple[str, str]]) -> str:
-    """Plain-text table of counts per source, for the terminal."""
-    width = max([len(r["source"]) for r in rows] + [6])
-    lines = [f"{'source':<{width}}  {'raw':>8}  {'dedup':>8}  {'kept':>8}  planes      voxel (z,y,x)"]
+def _per_dataset(rows: list[dict]) -> list[dict]:
+    """Source rows summed per dataset, for terminals that cannot show 100k sources."""
+    out: dict[str, dict] = {}
     for r in rows:
-        voxel = "none (isotropic assumed)" if r["voxel_size_zyx"] is None and r["planes"] and len(r["planes"]) > 1 \
+        d = out.setdefault(r["dataset"] or r["source"], {
+            "source": r["dataset"] or r["source"], "status": "done", "error": "", "raw": 0, "after_dedup": 0,
+            "kept": 0, "planes": [], "voxel_size_zyx": None, "n": 0, "failed": 0})
+        for k in ("raw", "after_dedup", "kept"):
+            d[k] += r[k]
+        d["planes"] = sorted(set(d["planes"]) | set(r["planes"] or []))
+        d["n"] += 1
+        d["failed"] += r["status"] != "done"
+    for d in out.values():
+        d["source"] = f"{d['source']} ({d['n']} sources)"
+        if d["failed"]:
+            d["status"], d["error"] = "partly failed", f"{d['failed']} failed"
+    return list(out.values())
+
+
+def summary_table(rows: list[dict], totals: dict[str, int], skipped: list[tuple[str, str]],
+                  max_rows: int = 40, max_skipped: int = 20) -> str:
+    """Plain-text table of counts per source, for the terminal.
+
+    With more than ``max_rows`` sources the rows are summed per dataset, and at most
+    ``max_rows`` rows and ``max_skipped`` skipped inputs are shown (all are in ``report/``).
+    """
+    what = "source"
+    if len(rows) > max_rows:
+        rows, what = _per_dataset(rows), "dataset"
+    hidden = len(rows) - max_rows
+    rows = rows[:max_rows]
+    width = max([len(r["source"]) for r in rows] + [6])
+    lines = [f"{what:<{width}}  {'raw':>8}  {'dedup':>8}  {'kept':>8}  planes      voxel (z,y,x)"]
+    for r in rows:
+        voxel = "-" if "n" in r else "none (isotropic assumed)" \
+            if r["voxel_size_zyx"] is None and r["planes"] and len(r["planes"]) > 1 \
             else (",".join(f"{v:g}" for v in r["voxel_size_zyx"]) if r["voxel_size_zyx"] else "-")
         state = "" if r["status"] == "done" else f"  [{r['status']}: {r['error']}]"
         lines.append(f"{r['source']:<{width}}  {r['raw']:>8}  {r['after_dedup']:>8}  {r['kept']:>8}  "
                      f"{','.join(r['planes'] or []):<10}  {voxel}{state}")
+    if hidden > 0:
+        lines.append(f"... and {hidden} more {what}s (every source: report/counts.csv)")
     lines.append(f"{'TOTAL':<{width}}  {totals['raw']:>8}  {totals['after_dedup']:>8}  {totals['kept']:>8}")
-    for path, problem in skipped:
+    for path, problem in skipped[:max_skipped]:
         lines.append(f"skipped: {path}: {problem}")
+    if len(skipped) > max_skipped:
+        lines.append(f"... and {len(skipped) - max_skipped} more skipped inputs (all in report/report.html)")
     return "\n".join(lines)
 
 
-def _html(index: CorpusIndex, rows, totals, stages, skipped, pictures) -> str:
+def _html(index: CorpusIndex, rows, totals, stages, skipped, pictures, max_rows: int = 1000) -> str:
     e = html.escape
     cols = ["source", "dataset", "status", "raw", "after_dedup", "kept", "duplicates", "filtered", "shape_zyx",
             "dtype", "voxel_size_zyx", "voxel_size_from", "planes", "uint8_rule", "seconds", "notes", "error"]
+
+    def more(n: int, where: str) -> str:  # a page with 100k table rows is too slow to open
+        return f"<tr><td colspan='{len(cols)}'>... and {n} more (all in {where})</td></tr>" if n > 0 else ""
+
     table = "".join(
-        "<tr>" + "".join(f"<td>{e(str(r[c]) if r[c] is not None else '')}</td>" for c in cols) + "</tr>" for r in rows
-    )
+        "<tr>" + "".join(f"<td>{e(str(r[c]) if r[c] is not None else '')}</td>" for c in cols) + "</tr>"
+        for r in rows[:max_rows]
+    ) + more(len(rows) - max_rows, "counts.csv")
     stage_rows = "".join(f"<tr><td>{e(k)}</td><td>{v[0]:.2f}</td><td>{e(json.dumps(v[1]))}</td></tr>"
                          for k, v in stages.items())
-    skip_rows = "".join(f"<tr><td>{e(p)}</td><td>{e(q)}</td></tr>" for p, q in skipped) or "<tr><td>none</td></tr>"
+    skip_rows = ("".join(f"<tr><td>{e(p)}</td><td>{e(q)}</td></tr>" for p, q in skipped[:max_rows])
+                 + more(len(skipped) - max_rows, "summary.json")) or "<tr><td>none</td></tr>"
     imgs = "".join(f"<h3>{e(t)}</h3><img src='{e(f)}' alt='{e(t)}'>" for f, t in pictures.items())
     settings = e(json.dumps(index.meta.get("settings", {}), indent=1))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>cemnet corpus report</title>

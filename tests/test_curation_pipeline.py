@@ -293,7 +293,8 @@ def _slices_as_sources(shared_data, n):
     return [SourceSpec(path=str(f), name=f"slice{k:03d}") for k, f in enumerate(files)]
 
 
-def test_many_small_sources_few_commits_and_a_bounded_pool(shared_data, tmp_path, monkeypatch):
+def test_many_small_sources_few_commits_a_bounded_pool_and_a_short_summary(shared_data, tmp_path, monkeypatch,
+                                                                               capsys):
     """Per-source commits made SQLite fsync ~5 times per image; 100k-image corpora took hours."""
     import curation.corpus
 
@@ -316,6 +317,21 @@ def test_many_small_sources_few_commits_and_a_bounded_pool(shared_data, tmp_path
     commits = sum(s.strip().upper() == "COMMIT" for s in statements)
     assert 1 <= commits <= 10, f"{commits} commits for 60 sources"
     assert max(in_pool) <= 8  # 4 tasks per worker process, the rest waits in the backlog
+
+    # The terminal summary of 60 single-image sources: summed per dataset, at most 40 rows.
+    from curation.report import _html, source_counts, write_report
+
+    index = CorpusIndex(tmp_path / "c")
+    write_report(index)
+    rows = source_counts(index)
+    page = _html(index, rows, {"raw": 60, "after_dedup": 60, "kept": 60}, {}, [("a", "b")] * 12, {}, max_rows=10)
+    index.close()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[0] == "dataset" and "slice000 (1 sources)" in printed[1]
+    assert "... and 20 more datasets (every source: report/counts.csv)" in printed
+    assert printed[-2].split()[:2] == ["TOTAL", "60"] and len(printed) == 1 + 40 + 1 + 1 + 1
+    assert len(rows) == 60 and sum(r["raw"] for r in rows) == 60
+    assert "... and 50 more (all in counts.csv)" in page and "... and 2 more (all in summary.json)" in page
 
 
 def test_killed_mid_run_loses_only_uncommitted_work_and_resumes(shared_data, tmp_path):
