@@ -300,12 +300,14 @@ class CorpusIndex:
         return {c: np.array(v) for c, v in zip(cols, zip(*rows))}
 
     def set_decisions(self, ids: np.ndarray, column_values: dict[str, np.ndarray]) -> None:
+        """Set columns of the patches ``ids`` (one value per patch per column) in one change."""
         cols = list(column_values)
         sets = ", ".join(f"{c}=?" for c in cols)
-        values = [column_values[c] for c in cols]
-        data = [tuple(_py(v[i]) for v in values) + (int(ids[i]),) for i in range(len(ids))]
+        # tolist() turns numpy scalars into Python ones in C: 10x faster than item() per value.
+        values = [np.asarray(column_values[c]).tolist() for c in cols]
         with self.write():
-            self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?", data)
+            self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?",
+                                zip(*values, np.asarray(ids, dtype=np.int64).tolist()))
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -344,10 +346,6 @@ class CorpusIndex:
             self.db.close()
             self.db = None
         self._release_lock()
-
-
-def _py(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 _INDEX_COLUMNS = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash", "status")
