@@ -121,3 +121,14 @@ def sample_volume(volume: Any, max_slices: int = 16, max_side: int = 2048) -> np
     y0, x0 = max(0, (ny - max_side) // 2), max(0, (nx - max_side) // 2)
     ys, xs = slice(y0, min(ny, y0 + max_side)), slice(x0, min(nx, x0 + max_side))
     return np.concatenate([volume.read(slice(z, z + 1), ys, xs).ravel() for z in zs])
+
+
+def sample_image(volume: Any, grid: int = 16, window: int = 128) -> np.ndarray:
+    """A bounded sample of a large 2D image (z = 1) for :meth:`Uint8Converter.fit`: a ``grid`` x
+    ``grid`` lattice of ``window``-pixel squares spread over the whole image (4M pixels at most),
+    so that an image cut in bands is fitted without reading it whole."""
+    _, ny, nx = volume.shape
+    ys = np.unique(np.linspace(0, max(0, ny - window), num=grid).round().astype(int))
+    xs = np.unique(np.linspace(0, max(0, nx - window), num=grid).round().astype(int))
+    return np.concatenate([volume.read(slice(0, 1), slice(y, y + window), slice(x, x + window)).ravel()
+                           for y in ys for x in xs])

@@ -5,7 +5,9 @@ when given a scheduler address) and are committed to the corpus index one by one
 a crash loses only the units in flight, and re-running the same command resumes:
 
 1. *inspect* a source (one per file / stacked folder): open it, read its metadata, fit the
-   uint8 mapping on a sample, plan the planes. A 2D image is patched in the same unit.
+   uint8 mapping on a sample, plan the planes. A 2D image is patched in the same unit, unless
+   it exceeds ``memory_mb`` and its reader can read regions (TIFF, HDF5, zarr): then *band* units
+   cut it in rows of patches, in parallel.
 2. *xy* units cut z-ranges of a volume; when the volume also gets xz/yz planes they write the
    uint8 data into a staging memmap (in RAM when it fits, else ``CORPUS/work``) as they go, so that
    3. *plane* units (xz, yz) cut y- or x-ranges from the staged uint8 volume instead of
@@ -33,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from curation.convert import Uint8Converter, sample_volume
+from curation.convert import Uint8Converter, sample_image, sample_volume
 from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, write_index_cache
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
@@ -71,7 +73,7 @@ class Unit:
 
     source: str
     key: str
-    kind: str  # "xy", "stage" (xy re-staging without patches), "xz", "yz"
+    kind: str  # "xy", "stage" (xy re-staging without patches), "xz", "yz", "band" (rows of a 2D image)
     spec: dict[str, Any]
     converter: Uint8Converter
     start: int
@@ -109,8 +111,9 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return pool[name][:size].reshape(shape)
 
 
-def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str) -> UnitResult:
-    """Patch and hash a list of (slice index, uint8 plane); save the shard; return index rows."""
+def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: int = 0) -> UnitResult:
+    """Patch and hash a list of (slice index, uint8 plane); save the shard; return index rows.
+    ``y_offset``: where the planes start in the source (a band of a large 2D image)."""
     t0 = time.perf_counter()
     p = unit.settings["patch_size"]
     per_plane = patch_count(planes[0][1].shape, p) if planes else 0  # a unit's planes share a shape
@@ -118,7 +121,7 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str) -> UnitRes
     rows = []
     for k, (index, plane) in enumerate(planes):
         _, boxes = extract_patches(plane, p, out=patches[k * per_plane : (k + 1) * per_plane])
-        rows.extend((axis, int(index), *b) for b in boxes.tolist())
+        rows.extend((axis, int(index), y + y_offset, x, h, w) for y, x, h, w in boxes.tolist())
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     atomic_save_npy(Path(unit.root) / unit.shard, patches)
     out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
@@ -131,7 +134,11 @@ def run_unit(unit: Unit) -> UnitResult:
 
     t0 = time.perf_counter()
     stride = unit.settings["slice_stride"]
-    if unit.kind in ("xy", "stage"):
+    if unit.kind == "band":  # rows start..stop of a large 2D image
+        with open_volume(SourceSpec.from_json(unit.spec)) as volume:
+            band = unit.converter(volume.read(slice(0, 1), slice(unit.start, unit.stop)))[0]
+        result = _cut(unit, [(0, band)], "xy", y_offset=unit.start)
+    elif unit.kind in ("xy", "stage"):
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
             wanted = [z for z in slice_indices(unit.shape[0], stride) if unit.start <= z < unit.stop]
             if unit.staging:
@@ -172,7 +179,7 @@ class Inspection:
     info: dict[str, Any]
     converter: Uint8Converter
     planes: list[str]
-    result: UnitResult | None = None  # a 2D image is patched during inspection
+    result: UnitResult | None = None  # a (not too large) 2D image is patched during inspection
     notes: list[str] = field(default_factory=list)
 
 
@@ -193,8 +200,16 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
         notes = []
         if volume.is_volume and volume.voxel_size is None:
             notes.append("no voxel size in the file: assumed isotropic (CEM500K's default spacing 1,1,1)")
-        if volume.is_volume or nz > 1:
+        image_2d = not volume.is_volume and nz == 1
+        # A 2D image too large for one unit's memory budget is cut in bands by several units.
+        in_bands = image_2d and volume.partial_reads and ny * nx * max(np.dtype(volume.dtype).itemsize, 4) > \
+            settings["memory_mb"] * 2**20
+        if not image_2d:
             sample = sample_volume(volume)
+        elif in_bands:
+            sample = sample_image(volume)
+            notes.append("large 2D image: cut in row bands in parallel; uint8 mapping fitted on a 16 x 16 "
+                         "grid of 128 px windows")
         else:
             image = volume.read()
             sample = image
@@ -206,7 +221,7 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
             max_anisotropy=settings["max_anisotropy"], axes=settings["axes"],
         )
         inspection = Inspection(source, info, converter, planes, notes=notes)
-        if not volume.is_volume and nz == 1:
+        if image_2d and not in_bands:
             unit = Unit(source, "xy-00000", "xy", spec_json, converter, 0, 1, volume.shape, root, settings)
             inspection.result = _cut(unit, [(0, converter(image)[0])], "xy")
             inspection.result.seconds = time.perf_counter() - t0
@@ -220,6 +235,16 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
     itemsize = max(np.dtype(insp.info["dtype"]).itemsize, 4)  # float32 during conversion
     plane_dims = {"xy": ((ny, nx), nz), "xz": ((nz, nx), ny), "yz": ((nz, ny), nx)}
     units: dict[str, list[Unit]] = {}
+    if not insp.info["is_volume"] and nz == 1:  # a large 2D image: bands of whole patch rows
+        starts = grid_starts(ny, p)
+        by_memory = budget // max(1, p * nx * itemsize)
+        by_patches = settings["patches_per_unit"] // max(1, len(grid_starts(nx, p)))
+        rows = max(1, min(by_memory, by_patches))  # patch rows per band
+        return {"xy": [
+            Unit(source, f"band-{starts[i]:06d}", "band", spec, insp.converter, starts[i],
+                 starts[i + rows] if i + rows < len(starts) else ny, (nz, ny, nx), root, settings)
+            for i in range(0, len(starts), rows)
+        ]}
     for axis in insp.planes:
         (h, w), depth = plane_dims[axis]
         per_plane = max(1, len(grid_starts(h, p)) * len(grid_starts(w, p)))

@@ -71,6 +71,9 @@ class Volume(abc.ABC):
 
     reader: ClassVar[str] = "?"
     options: ClassVar[frozenset[str]] = frozenset()  # which SourceSpec options the reader uses
+    # True when reading a region decodes only that region (memory map, chunks, tiles), so a large
+    # 2D image can be cut in bands by several workers; False when opening decodes everything.
+    partial_reads: ClassVar[bool] = False
 
     spec: SourceSpec
     path: str
@@ -294,6 +297,7 @@ class _TiffVolume(_ArrayVolume):
     read through tifffile's zarr store so a sub-range decodes only its pages / strips / tiles."""
 
     reader = "tiff"
+    partial_reads = True
 
     def _open(self) -> None:
         import tifffile
@@ -559,6 +563,7 @@ class _HdfVolume(_ArrayVolume):
     'element_size_um' (µm) or CREMI-style 'resolution' (nm)."""
 
     reader = "hdf5"
+    partial_reads = True
     options = frozenset({"axes", "channel", "key"})
 
     def _open(self) -> None:
@@ -614,6 +619,7 @@ class _ZarrVolume(_ArrayVolume):
     """Zarr v2/v3 and OME-Zarr 0.4/0.5 (multiscales: `scale_level`, axes, scale -> nm)."""
 
     reader = "zarr"
+    partial_reads = True
     options = frozenset({"axes", "channel", "key", "scale_level"})
 
     def _open(self) -> None:

@@ -376,6 +376,25 @@ def test_killed_mid_run_loses_only_uncommitted_work_and_resumes(shared_data, tmp
     assert len(_rows(tmp_path / "c", query)) == 40
 
 
+def test_large_2d_image_is_cut_in_bands_with_the_same_patches(shared_data, tmp_path):
+    """A 2D image beyond one unit's memory budget is cut in row bands by several units (bounded
+    memory, parallel), with exactly the patches of a single pass."""
+    tiles = [tifffile.imread(p) for p in sorted((shared_data / "muvis_align_sem_tiles" / "tiff_uint16").rglob("*.tiff"))]
+    image = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:4], 1)], 0)[:1500, :1400]
+    path = tmp_path / "mosaic_u16.tif"
+    tifffile.imwrite(path, image)  # real 16-bit SEM tiles, 1500 x 1400: 7 rows (a 156 px edge row) x 6
+    query = "SELECT axis, slice, y, x, h, w, hash, status FROM patches ORDER BY y, x"
+    whole = curate([SourceSpec(path=str(path))], tmp_path / "whole", CurateSettings(), workers=1, progress=False,
+                   report=False)
+    bands = curate([SourceSpec(path=str(path))], tmp_path / "bands", CurateSettings(memory_mb=1), workers=2,
+                   progress=False, report=False)
+    assert _rows(whole, query) == _rows(bands, query) and len(_rows(whole, query)) == 7 * 6
+    # 1 MB of budget holds less than one patch row (224 x 1400 x 4 bytes while converting): a row per band
+    assert [k for (k,) in _rows(bands, "SELECT key FROM tasks ORDER BY key")] == [f"band-{y:06d}" for y in range(0, 1500, 224)]
+    assert "row bands" in _rows(bands, "SELECT notes FROM sources")[0][0]
+    assert _rows(whole, "SELECT key FROM tasks") == [("xy-00000",)]
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
