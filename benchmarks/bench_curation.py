@@ -2,7 +2,8 @@
 
     python benchmarks/bench_curation.py extract [--workers 2] [--size 400 1000 1000]
     python benchmarks/bench_curation.py dedup [--n 1000000 10000000]
-    python benchmarks/bench_curation.py files [--workers 2]
+    python benchmarks/bench_curation.py files [--workers 2] [--copies 8]
+    python benchmarks/bench_curation.py large2d [--side 12000]
 
 ``extract``: builds a near-isotropic 3D volume from the real NeuroProof FIB-SEM stacks (the two
 250^3 samples, mirrored and tiled to the requested size, saved as one multipage TIFF), then times
@@ -23,6 +24,8 @@ Every timed run starts after ``sync`` so no run pays for the previous run's writ
 ``files``: many small real 2D images, each its own source (all NeuroProof slices of both samples,
 250 x 250, one patch each, plus the ISBI 2012 train and test slices, 512 x 512, four each): the
 per-source overhead (inspection, index writes) that dominates corpora of many small images.
+
+``large2d``: one large 16-bit 2D image (the real SEM tiles mirror-tiled), time and peak memory.
 
 ``dedup``: hashes of real patches (random 224 crops of the shared EM data at random planes and
 offsets), then for 10M a cloud of hashes derived from them by flipping random bits (stated in the
@@ -237,6 +240,40 @@ def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_large_2d(side: int, workers: int, workdir: str | None = None) -> None:
+    """One large 16-bit 2D image (real SEM tiles mirror-tiled to side x side): time and peak memory."""
+    import resource
+
+    import tifffile
+
+    import curation
+    from curation.pipeline import CurateSettings, curate
+    from curation.readers import SourceSpec
+
+    tiles = [tifffile.imread(p) for p in sorted((DATA / "muvis_align_sem_tiles" / "tiff_uint16").rglob("*.tiff"))[:4]]
+    base = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+    reps = side // min(base.shape) + 2
+    image = np.pad(base, [(0, (reps - 1) * base.shape[0]), (0, (reps - 1) * base.shape[1])], mode="symmetric")
+    work = Path(tempfile.mkdtemp(prefix="cemnet-bench-2d-", dir=workdir))
+    try:
+        path = work / "mosaic_u16.tif"
+        tifffile.imwrite(path, np.ascontiguousarray(image[:side, :side]))
+        del image
+        _settle()
+        t0 = time.perf_counter()
+        curate([SourceSpec(path=str(path))], work / "corpus", CurateSettings(), workers=workers, progress=False,
+               report=False)
+        total = time.perf_counter() - t0
+        from curation.corpus import Corpus
+
+        n = len(Corpus(work / "corpus", status=None))
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        print(f"cemnet curate ({Path(curation.__file__).parent}): {side}^2 uint16 2D image ({side * side * 2 / 2**20:.0f} MB),"
+              f" {n} patches in {total:.2f} s = {n / total:.0f} patches/s; largest worker {rss:.2f} GB; {workers} processes")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def real_hashes(n: int, seed: int = 0) -> np.ndarray:
     """Hashes of ``n`` random 224 crops (random plane, position) of the real shared EM data."""
     from PIL import Image
@@ -304,6 +341,10 @@ def main() -> None:
                    "/dev/shm takes the disk out of the comparison")
     d = sub.add_parser("dedup")
     d.add_argument("--n", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    g = sub.add_parser("large2d")
+    g.add_argument("--side", type=int, default=12000)
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--workdir", help="where the image and the corpus go (default: the system temp folder)")
     f = sub.add_parser("files")
     f.add_argument("--workers", type=int, default=2)
     f.add_argument("--copies", type=int, default=1, help="use each image this many times (as hard links)")
@@ -311,6 +352,8 @@ def main() -> None:
     a = p.parse_args()
     if a.what == "extract":
         bench_extract(tuple(a.size), a.workers, reference=not a.no_reference, workdir=a.workdir)
+    elif a.what == "large2d":
+        bench_large_2d(a.side, a.workers, workdir=a.workdir)
     elif a.what == "files":
         bench_files(a.workers, copies=a.copies, workdir=a.workdir)
     else:
