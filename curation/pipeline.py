@@ -1,19 +1,22 @@
 """`cemnet curate`: sources -> uint8 planes -> patches + hashes -> dedup -> filter -> corpus.
 
 Work is split into small units that run in parallel (a process pool by default, a Dask cluster
-when given a scheduler address) and are committed to the corpus index one by one, so Ctrl-C or
-a crash loses only the units in flight, and re-running the same command resumes:
+when given a scheduler address) and are recorded in the corpus index as they finish (committed
+every few seconds), so Ctrl-C loses only the units in flight, a crash the last seconds of work,
+and re-running the same command resumes:
 
 1. *inspect* a source (one per file / stacked folder): open it, read its metadata, fit the
    uint8 mapping on a sample, plan the planes. A 2D image is patched in the same unit, unless
    it exceeds ``memory_mb`` and its reader can read regions (TIFF, HDF5, zarr): then *band* units
    cut it in rows of patches, in parallel.
 2. *xy* units cut z-ranges of a volume; when the volume also gets xz/yz planes they write the
-   uint8 data into a staging memmap (in RAM when it fits, else ``CORPUS/work``) as they go, so that
-   3. *plane* units (xz, yz) cut y- or x-ranges from the staged uint8 volume instead of
-   re-decoding the source (slice folders and compressed TIFFs cannot be read sideways cheaply).
+   uint8 data into staging memmaps (in RAM when they fit, else ``CORPUS/work``) as they go: the
+   volume as read for the xz planes and an x-first copy for the yz planes, so that
+   3. *plane* units (xz, yz) cut y- or x-ranges from contiguous staged data instead of
+   re-decoding the source (slice folders and compressed TIFFs cannot be read sideways cheaply),
+   and never read a staged file sideways (ruinous once it no longer fits in RAM).
    Memory per unit stays bounded (``memory_mb``), so volumes larger than RAM are fine.
-4. *dedup* per dataset (or globally) and 5. *filter* the exemplars, in the main process.
+4. *dedup* per dataset (or globally) and 5. *filter* the exemplars (in the worker pool).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class Unit:
     shape: tuple[int, int, int]
     root: str
     settings: dict[str, Any]
-    staging: str | None = None
+    staging: str | None = None  # the uint8 volume as read, (z, y, x): xz planes are cut from it
+    staging_t: str | None = None  # an x-first copy, (x, z, y): each yz plane is one contiguous block
 
     @property
     def shard(self) -> str:
@@ -141,11 +145,17 @@ def run_unit(unit: Unit) -> UnitResult:
     elif unit.kind in ("xy", "stage"):
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
             wanted = [z for z in slice_indices(unit.shape[0], stride) if unit.start <= z < unit.stop]
-            if unit.staging:
+            if unit.staging or unit.staging_t:
                 block = unit.converter(volume.read(slice(unit.start, unit.stop)))
-                staged = np.load(unit.staging, mmap_mode="r+")
-                staged[unit.start : unit.stop] = block  # shared mapping: visible to the plane units
-                del staged
+                if unit.staging:
+                    staged = np.load(unit.staging, mmap_mode="r+")
+                    staged[unit.start : unit.stop] = block  # shared mapping: visible to the plane units
+                    del staged
+                if unit.staging_t:
+                    staged_t = np.load(unit.staging_t, mmap_mode="r+")
+                    for z in range(unit.start, unit.stop):
+                        staged_t[:, z, :] = block[z - unit.start].T  # numpy blocks this 2D transpose
+                    del staged_t
                 planes = [(z, block[z - unit.start]) for z in wanted]
             else:
                 planes = [(z, unit.converter(volume.read(slice(z, z + 1)))[0]) for z in wanted]
@@ -153,19 +163,17 @@ def run_unit(unit: Unit) -> UnitResult:
             return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0)
         result = _cut(unit, planes, "xy")
     else:
-        staged = np.load(unit.staging, mmap_mode="r")
         dim = AXIS_DIM[unit.kind]
         wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
         if unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
+            staged = np.load(unit.staging, mmap_mode="r")
             result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind)
         else:
-            # yz planes are one byte per row in the memmap (~50x slower to read plane by plane):
-            # read the slab with long contiguous runs and put x first, one cache-sized 2D
-            # transpose per z (5x faster than transposing the 3D slab at once).
-            slab = _scratch("slab", (unit.stop - unit.start, unit.shape[0], unit.shape[1]))
-            for z in range(unit.shape[0]):
-                slab[:, z, :] = np.ascontiguousarray(staged[z, :, unit.start : unit.stop]).T
-            result = _cut(unit, [(i, slab[i - unit.start]) for i in wanted], unit.kind)
+            # From the x-first copy: a yz plane is one contiguous block. Read sideways from the
+            # (z, y, x) copy instead, every yz unit would touch every page of it: fine while it
+            # sits in RAM, hundreds of passes over the disk for a volume larger than RAM.
+            staged = np.load(unit.staging_t, mmap_mode="r")
+            result = _cut(unit, [(i, staged[i]) for i in wanted], unit.kind)
         del staged
     result.seconds = time.perf_counter() - t0
     return result
@@ -252,8 +260,8 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
         if axis == "xy":
             step = min(settings["patches_per_unit"] // per_plane * settings["slice_stride"], by_memory)
         else:
-            # Staged slabs are read sideways: each unit touches every page of its rows, so few
-            # thick units (bounded by memory, at least 4 per plane for parallelism) beat many thin ones.
+            # Planes are cut in place from the staged copies; a unit holds their patches, so
+            # few thick units (bounded by memory, at least 4 per plane for parallelism).
             step = min(by_memory, math.ceil(depth / 4))
         step = max(1, step)
         units[axis] = [
@@ -266,7 +274,8 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
 
 # ----------------------------------------------------------------------------- staging
 class StagingArea:
-    """Where a volume's uint8 copy lives while its xz / yz planes are cut.
+    """Where a volume's uint8 copies live while its xz / yz planes are cut: the volume as read,
+    (z, y, x), for the xz planes, and an x-first copy, (x, z, y), for the yz planes.
 
     In RAM (``/dev/shm``) when the machine can spare it: the copy is scratch, and on disk its
     writes compete with the shards for the disk's bandwidth (measured here: ~375 MB/s sustained,
@@ -281,13 +290,14 @@ class StagingArea:
         self.root = Path(root)
         self.use_ram = use_ram and Path("/dev/shm").is_dir()
         self.ram_fraction = ram_fraction
-        self.live: dict[str, Path] = {}
+        self.live: dict[str, list[Path]] = {}
         self._ram_bytes: dict[str, int] = {}
         tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
         self._ram_prefix = f"cemnet-{os.getuid() if hasattr(os, 'getuid') else 0}-{tag}-"
 
-    def _paths(self, source: str) -> tuple[Path, Path]:
-        return Path("/dev/shm") / f"{self._ram_prefix}{source}.u8.npy", self.root / "work" / f"{source}.u8.npy"
+    def _paths(self, source: str, layout: str = "zyx") -> tuple[Path, Path]:
+        name = f"{source}.u8.npy" if layout == "zyx" else f"{source}.{layout}.u8.npy"
+        return Path("/dev/shm") / f"{self._ram_prefix}{name}", self.root / "work" / name
 
     def _ram_to_spare(self) -> int:
         try:
@@ -299,19 +309,21 @@ class StagingArea:
         budget = min(available * self.ram_fraction, shm.f_bavail * shm.f_frsize * 0.5)
         return int(budget) - sum(self._ram_bytes.values())
 
-    def create(self, source: str, shape: tuple[int, int, int]) -> str:
-        """A fresh, empty uint8 memmap for ``source``; any earlier file of it is discarded
-        (units do not fsync it, so one left by a crash may hold zeros)."""
-        ram, disk = self._paths(source)
+    def create(self, source: str, shape: tuple[int, int, int], layout: str = "zyx") -> str:
+        """A fresh, empty uint8 memmap of ``source``'s (z, y, x) ``shape`` stored in ``layout``
+        order ("zyx", or "xzy": x first); any earlier file of it is discarded (units do not
+        fsync it, so one left by a crash may hold zeros)."""
+        ram, disk = self._paths(source, layout)
         for old in (ram, disk):
             old.unlink(missing_ok=True)
         nbytes = int(np.prod(shape))
         path = ram if self.use_ram and nbytes <= self._ram_to_spare() else disk
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape)).flush()
-        self.live[source] = path
+        stored = tuple(shape["zyx".index(a)] for a in layout)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
+        self.live.setdefault(source, []).append(path)
         if path == ram:
-            self._ram_bytes[source] = nbytes
+            self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
         return str(path)
 
     def discard_leftovers(self) -> list[Path]:
@@ -320,15 +332,15 @@ class StagingArea:
         :func:`extract` does): then no other run can be using them. Returns what was removed."""
         stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if Path("/dev/shm").is_dir() else []
         stale += sorted((self.root / "work").glob("*.u8.npy"))
+        live = {p for paths in self.live.values() for p in paths}
         for path in stale:
-            if path not in self.live.values():
+            if path not in live:
                 path.unlink(missing_ok=True)
         return stale
 
     def release(self, source: str) -> None:
-        path = self.live.pop(source, None)
         self._ram_bytes.pop(source, None)
-        if path is not None:
+        for path in self.live.pop(source, []):
             path.unlink(missing_ok=True)
 
     def release_all(self) -> None:
@@ -535,9 +547,11 @@ def extract(
                         planes = [u for us in units.values() for u in us if u.key not in done]
                         todo_xy = [u for u in xy if u.key not in done]
                         if planes:
-                            staging = staging_area.create(name, tuple(insp.info["shape"]))
+                            shape, kinds = tuple(insp.info["shape"]), {u.kind for u in planes}
+                            zyx = staging_area.create(name, shape) if "xz" in kinds else None
+                            xzy = staging_area.create(name, shape, "xzy") if "yz" in kinds else None
                             for u in xy + planes:
-                                u.staging = staging
+                                u.staging, u.staging_t = zyx, xzy
                             for u in xy:
                                 if u.key in done:  # cut in an earlier run: only its data is needed
                                     u.kind, u.key = "stage", "stage-" + u.key

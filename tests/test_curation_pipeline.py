@@ -421,8 +421,10 @@ def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
     assert ram.startswith("/dev/shm/") and np.load(ram, mmap_mode="r").shape == (4, 64, 64)
     stale = area.create("vol", (4, 64, 64))  # resuming: the earlier file is discarded, not reused
     assert stale == ram and not np.load(ram, mmap_mode="r").any()
+    x_first = area.create("vol", (4, 64, 32), "xzy")  # the copy the yz planes are cut from
+    assert np.load(x_first, mmap_mode="r").shape == (32, 4, 64) and x_first != ram
     area.release("vol")
-    assert not Path(ram).exists()
+    assert not Path(ram).exists() and not Path(x_first).exists()
     on_disk = StagingArea(tmp_path / "c", ram_fraction=0.0).create("big", (4, 64, 64))  # no RAM to spare
     assert on_disk == str(tmp_path / "c" / "work" / "big.u8.npy")
     cluster = StagingArea(tmp_path / "c", use_ram=False)  # Dask workers do not share this RAM
