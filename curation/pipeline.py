@@ -21,10 +21,12 @@ and re-running the same command resumes:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -273,6 +275,28 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
 
 
 # ----------------------------------------------------------------------------- staging
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate the blocks of a sparse staging file now: a memory-mapped write into a full disk
+    kills the writing process (SIGBUS) instead of raising, which would take the run down."""
+    free = shutil.disk_usage(path.parent).free
+    if nbytes > free:
+        path.unlink(missing_ok=True)
+        raise OSError(f"not enough free space in {path.parent} to stage the volume's uint8 copy: "
+                      f"needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError) as err:
+        if getattr(err, "errno", None) == errno.ENOSPC:
+            path.unlink(missing_ok=True)
+            raise OSError(f"not enough free space in {path.parent} to stage the volume's uint8 copy "
+                          f"({nbytes / 2**30:.1f} GiB)") from err
+        # file systems without fallocate (some network mounts): the free-space check above must do
+
+
 class StagingArea:
     """Where a volume's uint8 copies live while its xz / yz planes are cut: the volume as read,
     (z, y, x), for the xz planes, and an x-first copy, (x, z, y), for the yz planes.
@@ -321,6 +345,8 @@ class StagingArea:
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = tuple(shape["zyx".index(a)] for a in layout)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
+        if path == disk:
+            _reserve(path, nbytes)
         self.live.setdefault(source, []).append(path)
         if path == ram:
             self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
@@ -548,8 +574,12 @@ def extract(
                         todo_xy = [u for u in xy if u.key not in done]
                         if planes:
                             shape, kinds = tuple(insp.info["shape"]), {u.kind for u in planes}
-                            zyx = staging_area.create(name, shape) if "xz" in kinds else None
-                            xzy = staging_area.create(name, shape, "xzy") if "yz" in kinds else None
+                            try:
+                                zyx = staging_area.create(name, shape) if "xz" in kinds else None
+                                xzy = staging_area.create(name, shape, "xzy") if "yz" in kinds else None
+                            except OSError as err:  # e.g. no room for the staged copies
+                                fail_source(name, names[name]["path"], err)
+                                continue
                             for u in xy + planes:
                                 u.staging, u.staging_t = zyx, xzy
                             for u in xy:

@@ -395,6 +395,26 @@ def test_large_2d_image_is_cut_in_bands_with_the_same_patches(shared_data, tmp_p
     assert _rows(whole, "SELECT key FROM tasks") == [("xy-00000",)]
 
 
+def test_no_room_to_stage_a_volume_fails_that_source_only(shared_data, tmp_path, monkeypatch):
+    """A staged copy written through a memory map into a full disk would kill the worker with
+    SIGBUS; the space is checked and reserved up front, and only that source is skipped."""
+    import collections
+
+    monkeypatch.setattr(pipeline.StagingArea, "_ram_to_spare", lambda self: 0)  # stage on disk
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: collections.namedtuple(
+        "usage", "total used free")(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    volume = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)  # 250^3: 15 MB to stage
+    image = SourceSpec(path=str(shared_data / "isbi2012" / "train" / "images" / "0.png"), name="isbi0")
+    curate([volume, image], tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False,
+           report=False)
+    status = dict(_rows(tmp_path / "c", "SELECT name, status FROM sources"))
+    assert status == {"np": "failed", "isbi0": "done"}
+    (error,) = _rows(tmp_path / "c", "SELECT error FROM sources WHERE name = 'np'")[0]
+    assert error.startswith(f"not enough free space in {tmp_path / 'c' / 'work'} to stage") and "GiB free" in error
+    assert _rows(tmp_path / "c", "SELECT path FROM skipped") == [(volume.path,)]
+    assert not list((tmp_path / "c" / "work").glob("*.npy"))
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
