@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -408,8 +409,8 @@ class Executor:
         elif workers > 1:
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            self._context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=self._context)
 
     def submit(self, fn: Callable, *args: Any) -> Any:
         if self.kind == "dask":
@@ -428,6 +429,12 @@ class Executor:
             done, _ = futures_wait(list(futures), return_when=FIRST_COMPLETED)
             return list(done)
         return list(futures)
+
+    def restart(self) -> None:
+        """A fresh process pool after a worker died (the old pool is broken for good)."""
+        if self.kind == "processes":
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
 
     def shutdown(self, cancel: bool = False) -> None:
         if self.kind == "dask":
@@ -465,6 +472,9 @@ def extract(
     # before new sources: few sources in flight, so few staging copies alive at once.
     unit_backlog: deque[Unit] = deque()
     inspect_backlog: deque[str] = deque()
+    # Tasks that were in the pool when a worker process died (OOM killer, SIGBUS ...): they run
+    # again one at a time, so the one that kills its worker is found and only its source fails.
+    suspects: set[tuple[str, str]] = set()
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
@@ -505,11 +515,12 @@ def extract(
         bar.refresh()
 
     def fill() -> None:
-        while len(pending) < executor.max_in_flight and (unit_backlog or inspect_backlog):
+        while len(pending) < (1 if suspects else executor.max_in_flight) and (unit_backlog or inspect_backlog):
             if unit_backlog:
                 unit = unit_backlog.popleft()
                 if unit.source in failed:  # its source already failed: skip, do not run
                     open_work[unit.source] -= 1
+                    suspects.discard((unit.source, unit.key))
                     bar.update(1)
                     continue
                 pending[executor.submit(run_unit, unit)] = ("unit", unit)
@@ -522,6 +533,29 @@ def extract(
         index.upsert_source(name, status="done", n_patches=count, seconds=time.perf_counter() - t_source[name])
         staging_area.release(name)
         index.clear_skipped(names[name]["path"])
+
+    def task_id(what: str, payload: Any) -> tuple[str, str]:
+        return (payload, "inspect") if what == "inspect" else (payload.source, payload.key)
+
+    def worker_died(what: str, payload: Any) -> None:
+        crashed = [(what, payload), *pending.values()]
+        pending.clear()
+        executor.restart()
+        bar.update(-1)  # the task that reported the crash is counted again when it is redone
+        if len(crashed) == 1 and task_id(what, payload) in suspects:  # it ran alone: it is the one
+            name = task_id(what, payload)[0]
+            suspects.discard(task_id(what, payload))
+            fail_source(name, names[name]["path"], RuntimeError(
+                "a worker process died while reading or cutting it (killed for lack of memory? "
+                "try a smaller --memory-mb)"))
+            bar.update(1)
+            return
+        for w, p in reversed(crashed):
+            (unit_backlog if w == "unit" else inspect_backlog).appendleft(p)
+            suspects.add(task_id(w, p))
+        open_work[task_id(what, payload)[0]] += 1  # back in the queue
+        tqdm.write(f"a worker process died; the pool was restarted and the {len(crashed)} tasks it held "
+                   "run again one at a time", file=sys.stderr)
 
     def fail_source(name: str, path: str, err: BaseException) -> None:
         failed.add(name)
@@ -551,9 +585,14 @@ def extract(
                     continue
                 try:
                     result = fut.result()
+                except BrokenProcessPool:  # a worker died: every task in the pool is lost
+                    worker_died(what, payload)
+                    break  # the other futures of this wait were broken too, and are requeued
                 except Exception as err:  # noqa: BLE001 - one bad source must not stop the run
+                    suspects.discard(task_id(what, payload))
                     fail_source(name, names[name]["path"], err)
                     continue
+                suspects.discard(task_id(what, payload))
                 if what == "inspect":
                     insp: Inspection = result
                     index.upsert_source(

@@ -415,6 +415,35 @@ def test_no_room_to_stage_a_volume_fails_that_source_only(shared_data, tmp_path,
     assert not list((tmp_path / "c" / "work").glob("*.npy"))
 
 
+_REAL_RUN_UNIT = pipeline.run_unit
+
+
+def _run_unit_or_die(unit):
+    """run_unit, except that any xy unit of the source "greedy" kills its worker (as the OOM killer would)."""
+    import os
+    import signal
+
+    if unit.source == "greedy" and unit.kind == "xy":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _REAL_RUN_UNIT(unit)
+
+
+def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, monkeypatch, capsys):
+    """The OOM killer takes a worker: the pool is restarted, the tasks it held run again one at a
+    time, the one that kills its worker again fails its source only, and the run goes on."""
+    monkeypatch.setattr(pipeline, "run_unit", _run_unit_or_die)  # the pool forks after this: workers see it
+    images = sorted((shared_data / "isbi2012" / "train" / "images").glob("*.png"))[:6]
+    specs = [SourceSpec(path=str(shared_data / NEUROPROOF), name="greedy", stack=True)]
+    specs += [SourceSpec(path=str(f), name=f"isbi{k}") for k, f in enumerate(images)]
+    curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False, report=False)
+    status = dict(_rows(tmp_path / "c", "SELECT name, status FROM sources"))
+    assert status.pop("greedy") == "failed" and set(status.values()) == {"done"} and len(status) == 6
+    (error,) = _rows(tmp_path / "c", "SELECT error FROM sources WHERE name = 'greedy'")[0]
+    assert "a worker process died while reading or cutting it" in error
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 6 * 4
+    assert "a worker process died; the pool was restarted" in capsys.readouterr().err
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
