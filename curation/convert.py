@@ -114,13 +114,22 @@ def sample_volume(volume: Any, max_slices: int = 16, max_side: int = 2048) -> np
     """Read a bounded, evenly spread sample of a volume for :meth:`Uint8Converter.fit`.
 
     Up to ``max_slices`` xy slices spread over z, each cropped to a centred window of at most
-    ``max_side`` pixels a side, so fitting costs the same for a 1 GB and a 5 TB volume.
+    ``max_side`` pixels a side, so fitting costs the same for a 1 GB and a 5 TB volume. Unreadable
+    slices are left out (the units covering them report them); none readable raises.
     """
     nz, ny, nx = volume.shape
     zs = np.unique(np.linspace(0, nz - 1, num=min(max_slices, nz)).round().astype(int))
     y0, x0 = max(0, (ny - max_side) // 2), max(0, (nx - max_side) // 2)
     ys, xs = slice(y0, min(ny, y0 + max_side)), slice(x0, min(nx, x0 + max_side))
-    return np.concatenate([volume.read(slice(z, z + 1), ys, xs).ravel() for z in zs])
+    parts, first_error = [], None
+    for z in zs:
+        try:
+            parts.append(volume.read(slice(z, z + 1), ys, xs).ravel())
+        except Exception as err:  # noqa: BLE001 - a bad slice is the unit's problem, not the sample's
+            first_error = first_error or err
+    if not parts:
+        raise first_error  # nothing readable at all: the source is unusable
+    return np.concatenate(parts)
 
 
 def sample_image(volume: Any, grid: int = 16, window: int = 128) -> np.ndarray:

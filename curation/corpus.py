@@ -277,9 +277,12 @@ class CorpusIndex:
             self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
             self.db.execute("INSERT INTO skipped VALUES (?, ?, ?)", (path, problem, time.time()))
 
-    def clear_skipped(self, path: str) -> None:
+    def clear_skipped(self, path: str, parts: bool = False) -> None:
+        """Forget that ``path`` was skipped; with ``parts``, also its skipped parts (``path (...)``)."""
         with self.write():
             self.db.execute("DELETE FROM skipped WHERE path=?", (path,))
+            if parts:
+                self.db.execute("DELETE FROM skipped WHERE substr(path, 1, ?) = ?", (len(path) + 2, path + " ("))
 
     def skipped(self) -> list[tuple[str, str]]:
         return [tuple(r) for r in self.db.execute("SELECT path, problem FROM skipped ORDER BY at")]

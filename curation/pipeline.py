@@ -475,6 +475,7 @@ def extract(
     # Tasks that were in the pool when a worker process died (OOM killer, SIGBUS ...): they run
     # again one at a time, so the one that kills its worker is found and only its source fails.
     suspects: set[tuple[str, str]] = set()
+    lost_units: dict[str, list[str]] = {}  # source -> units skipped for bad data in their range
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
@@ -495,6 +496,7 @@ def extract(
         index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
                             reader=spec_json, status="running", error=None, fingerprint=fingerprint)
         names[name] = spec_json
+        index.clear_skipped(str(spec.path), parts=True)  # its bad ranges are tried again
         inspect_backlog.append(name)
         open_work[name] += 1
 
@@ -530,9 +532,19 @@ def extract(
 
     def finish_source(name: str) -> None:
         count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
-        index.upsert_source(name, status="done", n_patches=count, seconds=time.perf_counter() - t_source[name])
+        lost = lost_units.get(name, [])
+        index.upsert_source(
+            name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - t_source[name],
+            error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut" if lost else None)
         staging_area.release(name)
         index.clear_skipped(names[name]["path"])
+
+    def lose_unit(unit: Unit, err: BaseException) -> None:
+        """A unit that feeds nothing else failed (bad data in its range): skip it, keep the source."""
+        where = f"{unit.kind} {unit.start}-{unit.stop}"
+        lost_units.setdefault(unit.source, []).append(where)
+        index.add_skipped(f"{names[unit.source]['path']} ({where})", _problem(err))
+        tqdm.write(f"skipped {names[unit.source]['path']} ({where}): {_problem(err)}", file=sys.stderr)
 
     def task_id(what: str, payload: Any) -> tuple[str, str]:
         return (payload, "inspect") if what == "inspect" else (payload.source, payload.key)
@@ -590,7 +602,14 @@ def extract(
                     break  # the other futures of this wait were broken too, and are requeued
                 except Exception as err:  # noqa: BLE001 - one bad source must not stop the run
                     suspects.discard(task_id(what, payload))
-                    fail_source(name, names[name]["path"], err)
+                    if what == "unit" and payload.kind != "stage" and not (
+                            payload.kind == "xy" and (payload.staging or payload.staging_t)):
+                        lose_unit(payload, err)  # a bad range: the rest of the source is still good
+                        if name in waiting_planes:
+                            waiting_planes[name][1].discard(payload.key)
+                        maybe_release_planes(name)
+                    else:  # inspection, or xy data the xz / yz planes are cut from
+                        fail_source(name, names[name]["path"], err)
                     continue
                 suspects.discard(task_id(what, payload))
                 if what == "inspect":

@@ -133,7 +133,7 @@ def _per_dataset(rows: list[dict]) -> list[dict]:
     for d in out.values():
         d["source"] = f"{d['source']} ({d['n']} sources)"
         if d["failed"]:
-            d["status"], d["error"] = "partly failed", f"{d['failed']} failed"
+            d["status"], d["error"] = "partly failed", f"{d['failed']} failed or partial"
     return list(out.values())
 
 

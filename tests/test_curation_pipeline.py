@@ -444,6 +444,35 @@ def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, m
     assert "a worker process died; the pool was restarted" in capsys.readouterr().err
 
 
+def test_a_corrupt_range_of_a_volume_skips_that_range_only(shared_data, tmp_path):
+    """One bad page in a 5 TB stack must not throw away the rest of it: the unit covering it is
+    skipped and reported, the source is 'partial', and a re-run tries the range again."""
+    images = sorted((shared_data / "isbi2012" / "train" / "images").glob("*.png"), key=lambda f: int(f.stem))
+    stack = np.stack([np.asarray(Image.open(f)) for f in images])  # the real 30-slice ISBI stack
+    path = tmp_path / "isbi_zlib.tif"
+    tifffile.imwrite(path, stack, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        start, size = tif.pages[21].dataoffsets[0], tif.pages[21].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[start + size // 3 : start + size // 3 + 64] = bytes(range(64))  # slice 21's data is now garbage
+    path.write_bytes(bytes(data))
+    spec = SourceSpec(path=str(path), name="isbi", voxel_size=(50, 4, 4))  # anisotropic: xy planes only
+    settings = CurateSettings(filter="none", patches_per_unit=16)  # 4 slices per unit
+    curate([spec], tmp_path / "c", settings, workers=2, progress=False, report=False)
+    (status, error), = _rows(tmp_path / "c", "SELECT status, error FROM sources")
+    assert status == "partial" and "1 unit(s) unreadable, skipped: xy 20-24" in error
+    (where, problem), = _rows(tmp_path / "c", "SELECT path, problem FROM skipped")
+    assert where == f"{path} (xy 20-24)" and "corrupt" in problem
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == (30 - 4) * 4
+    assert 20 not in {z for (z,) in _rows(tmp_path / "c", "SELECT DISTINCT slice FROM patches")}
+
+    tifffile.imwrite(path, stack, compression="zlib")  # the file is repaired: cut again, in full
+    curate([spec], tmp_path / "c", settings, workers=2, progress=False, report=False)
+    assert _rows(tmp_path / "c", "SELECT status, error FROM sources") == [("done", None)]
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 30 * 4
+    assert _rows(tmp_path / "c", "SELECT * FROM skipped") == []
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
