@@ -454,6 +454,28 @@ def _unique_name(index: CorpusIndex, wanted: str, path: str) -> str:
         name = f"{wanted}-{k}"
 
 
+# What decides a source's patches (a change re-cuts it), and what decides how its work is split
+# into units (a change re-cuts it only if unfinished: old and new units would overlap).
+PATCH_SETTINGS = ("patch_size", "max_anisotropy", "axes", "slice_stride", "uint8_rule", "percentiles")
+PLAN_SETTINGS = ("memory_mb", "patches_per_unit")
+READER_OPTIONS = ("voxel_size", "axes", "key", "scale_level", "channel", "stack")
+
+
+def _why_cut_again(row: dict | None, fingerprint: str, cut: dict[str, Any], spec_json: dict[str, Any]) -> str | None:
+    """Why the patches an earlier run cut from this source must go, or None if they still hold."""
+    if row is None:
+        return None
+    if row.get("fingerprint") not in (None, fingerprint):
+        return "its files changed (sizes or times)"
+    old = json.loads(row["cut_settings"]) if row.get("cut_settings") else {}
+    keys = PATCH_SETTINGS + (PLAN_SETTINGS if row["status"] != "done" else ())
+    diff = [f"{k} {old[k]} -> {cut[k]}" for k in keys if k in old and old[k] != cut[k]]
+    reader = json.loads(row["reader"]) if row.get("reader") else {}
+    diff += [f"reader {k} {reader.get(k)} -> {spec_json.get(k)}" for k in READER_OPTIONS
+             if reader and reader.get(k) != spec_json.get(k)]
+    return f"the settings that cut it changed ({', '.join(diff)})" if diff else None
+
+
 def _problem(err: BaseException) -> str:
     text = str(err)
     return text if text else type(err).__name__
@@ -476,25 +498,27 @@ def extract(
     # again one at a time, so the one that kills its worker is found and only its source fails.
     suspects: set[tuple[str, str]] = set()
     lost_units: dict[str, list[str]] = {}  # source -> units skipped for bad data in their range
+    cut = {k: cfg[k] for k in (*PATCH_SETTINGS, *PLAN_SETTINGS)}
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
         spec_json["name"] = name
         row = index.source(name)
         fingerprint = source_fingerprint(spec.path)
-        if row is not None and row.get("fingerprint") not in (None, fingerprint):
-            n = index.forget_source(name)  # never mix patches of two versions of a file
+        why = _why_cut_again(row, fingerprint, cut, spec_json)
+        if why:
+            n = index.forget_source(name)  # never mix patches of two versions of a file or of a cut
             if n:
-                changed[name] = (f"changed since an earlier run (file sizes / times differ): "
-                                 f"its {n} earlier patches were discarded and it was cut again")
+                changed[name] = f"cut again, {why}: its {n} earlier patches were discarded"
                 tqdm.write(f"{spec.path}: {changed[name]}", file=sys.stderr)
             row = index.source(name)
         if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
-            if row.get("fingerprint") is None:  # curated before sources were fingerprinted: baseline now
-                index.upsert_source(name, fingerprint=fingerprint)
+            if row.get("fingerprint") is None or row.get("cut_settings") is None:  # older corpus: baseline now
+                index.upsert_source(name, fingerprint=fingerprint, cut_settings=cut)
             continue  # finished in an earlier run, every shard intact
         index.upsert_source(name, path=str(spec.path), dataset=spec_json.get("dataset") or name,
-                            reader=spec_json, status="running", error=None, fingerprint=fingerprint)
+                            reader=spec_json, status="running", error=None, fingerprint=fingerprint,
+                            cut_settings=cut)
         names[name] = spec_json
         index.clear_skipped(str(spec.path), parts=True)  # its bad ranges are tried again
         inspect_backlog.append(name)

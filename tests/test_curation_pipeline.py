@@ -264,11 +264,11 @@ def test_a_source_rewritten_since_an_earlier_run_is_cut_again(shared_data, tmp_p
     ids = _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id")
     curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
     assert _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id") == ids  # unchanged: nothing redone
-    assert "changed since" not in capsys.readouterr().err
+    assert "cut again" not in capsys.readouterr().err
 
     export(10)  # same path, other slices
     curate([SourceSpec(path=str(stack))], tmp_path / "c", settings, workers=1, progress=False, report=False)
-    assert f"{stack}: changed since an earlier run" in capsys.readouterr().err
+    assert f"{stack}: cut again, its files changed" in capsys.readouterr().err
     curate([SourceSpec(path=str(stack))], tmp_path / "fresh", settings, workers=1, progress=False, report=False)
     assert patches(tmp_path / "c") == patches(tmp_path / "fresh") != first
     assert len(list((tmp_path / "c" / "shards" / "stack").glob("*.npy"))) == len(
@@ -471,6 +471,45 @@ def test_a_corrupt_range_of_a_volume_skips_that_range_only(shared_data, tmp_path
     assert _rows(tmp_path / "c", "SELECT status, error FROM sources") == [("done", None)]
     assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 30 * 4
     assert _rows(tmp_path / "c", "SELECT * FROM skipped") == []
+
+
+def test_changed_settings_recut_a_source_and_never_overlap_units(shared_data, tmp_path, monkeypatch, capsys):
+    spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
+    query = "SELECT axis, slice, y, x, hash FROM patches ORDER BY 1, 2, 3, 4"
+    calls = []
+
+    def interrupt_at_7(unit):
+        calls.append(unit.key)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return _REAL_RUN_UNIT(unit)
+
+    # Interrupted with 64 patches per unit, resumed with 32: without care the new, thinner units
+    # would re-cut z-ranges that old, finished units already hold.
+    monkeypatch.setattr(pipeline, "run_unit", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=64), workers=1, progress=False)
+    monkeypatch.setattr(pipeline, "run_unit", _REAL_RUN_UNIT)
+    curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=32), workers=1, progress=False,
+           report=False)
+    assert "cut again, the settings that cut it changed (patches_per_unit 64 -> 32)" in capsys.readouterr().err
+    clean = curate([spec], tmp_path / "clean", CurateSettings(filter="none"), workers=1, progress=False, report=False)
+    assert _rows(tmp_path / "c", query) == _rows(clean, query) and len(_rows(clean, query)) == 750
+
+    # A finished source keeps its patches when only the unit size changes ...
+    ids = _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id")
+    curate([spec], tmp_path / "c", CurateSettings(filter="none", memory_mb=64), workers=1, progress=False,
+           report=False)
+    assert _rows(tmp_path / "c", "SELECT id FROM patches ORDER BY id") == ids
+    # ... and is cut again when a setting that decides its patches changes.
+    curate([spec], tmp_path / "c", CurateSettings(filter="none", slice_stride=2), workers=1, progress=False,
+           report=False)
+    assert "(slice_stride 1 -> 2)" in capsys.readouterr().err
+    assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 3 * 125
+    curate([SourceSpec(path=spec.path, name="np", stack=True, voxel_size=(40, 4, 4))], tmp_path / "c",
+           CurateSettings(filter="none", slice_stride=2), workers=1, progress=False, report=False)
+    assert "reader voxel_size None -> [40.0, 4.0, 4.0]" in capsys.readouterr().err
+    assert _rows(tmp_path / "c", "SELECT DISTINCT axis FROM patches") == [("xy",)]  # anisotropic now
 
 
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
