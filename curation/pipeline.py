@@ -540,6 +540,13 @@ def extract(
         bar.total += len(units)
         bar.refresh()
 
+    def launch(fn: Callable, *args: Any) -> Any:
+        try:
+            return executor.submit(fn, *args)
+        except BrokenProcessPool:  # a worker died while none of our tasks was waiting on it
+            executor.restart()
+            return executor.submit(fn, *args)
+
     def fill() -> None:
         while len(pending) < (1 if suspects else executor.max_in_flight) and (unit_backlog or inspect_backlog):
             if unit_backlog:
@@ -549,10 +556,10 @@ def extract(
                     suspects.discard((unit.source, unit.key))
                     bar.update(1)
                     continue
-                pending[executor.submit(run_unit, unit)] = ("unit", unit)
+                pending[launch(run_unit, unit)] = ("unit", unit)
             else:
                 name = inspect_backlog.popleft()
-                pending[executor.submit(inspect_source, name, names[name], root, cfg)] = ("inspect", name)
+                pending[launch(inspect_source, name, names[name], root, cfg)] = ("inspect", name)
 
     def finish_source(name: str) -> None:
         count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
