@@ -796,7 +796,16 @@ def apply_filter(
         pending = {executor.submit(filter_batch, *job(pick)): pick for pick in picks}
         while pending:
             for fut in executor.wait_any(list(pending)):
-                record(pending.pop(fut), fut.result())
+                try:
+                    record(pending[fut], fut.result())
+                    del pending[fut]
+                except BrokenProcessPool:  # a worker died: judge what is left in this process
+                    tqdm.write("a worker process died; the filter goes on in the main process", file=sys.stderr)
+                    executor.restart()
+                    for pick in pending.values():
+                        record(pick, filter_batch(*job(pick)))
+                    pending.clear()
+                    break
     else:
         for pick in picks:
             record(pick, filter_batch(*job(pick)))

@@ -428,6 +428,31 @@ def _run_unit_or_die(unit):
     return _REAL_RUN_UNIT(unit)
 
 
+_REAL_FILTER_BATCH = pipeline.filter_batch
+_MAIN_PID = __import__("os").getpid()
+
+
+def _filter_batch_or_die(*args):
+    """filter_batch, except that it kills any worker process that runs it."""
+    import os
+    import signal
+
+    if os.getpid() != _MAIN_PID:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _REAL_FILTER_BATCH(*args)
+
+
+def test_a_worker_killed_while_filtering_does_not_end_the_run(shared_data, tmp_path, monkeypatch, capsys):
+    specs = _slices_as_sources(shared_data, 30)
+    query = "SELECT source, status, reason FROM patches ORDER BY source"
+    clean = curate(specs, tmp_path / "clean", CurateSettings(), workers=2, progress=False, report=False)
+    monkeypatch.setattr(pipeline, "filter_batch", _filter_batch_or_die)
+    curate(specs, tmp_path / "c", CurateSettings(), workers=2, progress=False, report=False)
+    assert "the filter goes on in the main process" in capsys.readouterr().err
+    assert _rows(tmp_path / "c", query) == _rows(clean, query)
+    assert not _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches WHERE filter_sig IS NULL AND group_id = id")[0][0]
+
+
 def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, monkeypatch, capsys):
     """The OOM killer takes a worker: the pool is restarted, the tasks it held run again one at a
     time, the one that kills its worker again fails its source only, and the run goes on."""
