@@ -89,6 +89,7 @@ class Unit:
     settings: dict[str, Any]
     staging: str | None = None  # the uint8 volume as read, (z, y, x): xz planes are cut from it
     staging_t: str | None = None  # an x-first copy, (x, z, y): each yz plane is one contiguous block
+    bad_z: list[tuple[int, int]] = field(default_factory=list)  # z-ranges never staged (unreadable)
 
     @property
     def shard(self) -> str:
@@ -118,9 +119,11 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return pool[name][:size].reshape(shape)
 
 
-def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: int = 0) -> UnitResult:
+def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: int = 0,
+         skip_rows: Sequence[tuple[int, int]] = ()) -> UnitResult:
     """Patch and hash a list of (slice index, uint8 plane); save the shard; return index rows.
-    ``y_offset``: where the planes start in the source (a band of a large 2D image)."""
+    ``y_offset``: where the planes start in the source (a band of a large 2D image);
+    ``skip_rows``: plane-row ranges whose data is missing; patches touching them are left out."""
     t0 = time.perf_counter()
     p = unit.settings["patch_size"]
     per_plane = patch_count(planes[0][1].shape, p) if planes else 0  # a unit's planes share a shape
@@ -129,6 +132,9 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: 
     for k, (index, plane) in enumerate(planes):
         _, boxes = extract_patches(plane, p, out=patches[k * per_plane : (k + 1) * per_plane])
         rows.extend((axis, int(index), y + y_offset, x, h, w) for y, x, h, w in boxes.tolist())
+    if skip_rows:
+        keep = np.array([not any(r[2] < b and r[2] + r[4] > a for a, b in skip_rows) for r in rows], dtype=bool)
+        patches, rows = patches[keep], [r for r, k in zip(rows, keep) if k]
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     atomic_save_npy(Path(unit.root) / unit.shard, patches)
     out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
@@ -170,13 +176,13 @@ def run_unit(unit: Unit) -> UnitResult:
         wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
         if unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
             staged = np.load(unit.staging, mmap_mode="r")
-            result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind)
+            result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
         else:
             # From the x-first copy: a yz plane is one contiguous block. Read sideways from the
             # (z, y, x) copy instead, every yz unit would touch every page of it: fine while it
             # sits in RAM, hundreds of passes over the disk for a volume larger than RAM.
             staged = np.load(unit.staging_t, mmap_mode="r")
-            result = _cut(unit, [(i, staged[i]) for i in wanted], unit.kind)
+            result = _cut(unit, [(i, staged[i]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
         del staged
     result.seconds = time.perf_counter() - t0
     return result
@@ -498,6 +504,7 @@ def extract(
     # again one at a time, so the one that kills its worker is found and only its source fails.
     suspects: set[tuple[str, str]] = set()
     lost_units: dict[str, list[str]] = {}  # source -> units skipped for bad data in their range
+    bad_z: dict[str, list[tuple[int, int]]] = {}  # source -> z-ranges missing from its staged copies
     cut = {k: cfg[k] for k in (*PATCH_SETTINGS, *PLAN_SETTINGS)}
     for spec in specs:
         spec_json = spec.to_json()
@@ -564,15 +571,20 @@ def extract(
     def finish_source(name: str) -> None:
         count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
         lost = lost_units.get(name, [])
+        crossing = "; xz / yz patches crossing those z-ranges are left out" if bad_z.get(name) else ""
         index.upsert_source(
             name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - t_source[name],
-            error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut" if lost else None)
+            error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
+            if lost else None)
         staging_area.release(name)
         index.clear_skipped(names[name]["path"])
 
     def lose_unit(unit: Unit, err: BaseException) -> None:
-        """A unit that feeds nothing else failed (bad data in its range): skip it, keep the source."""
-        where = f"{unit.kind} {unit.start}-{unit.stop}"
+        """A unit failed on bad data in its range: skip the range, keep the rest of the source.
+        An xy range the xz / yz planes needed is left out of them too (see Unit.bad_z)."""
+        where = f"{'xy' if unit.kind == 'stage' else unit.kind} {unit.start}-{unit.stop}"
+        if unit.kind in ("xy", "stage") and (unit.staging or unit.staging_t):
+            bad_z.setdefault(unit.source, []).append((unit.start, unit.stop))
         lost_units.setdefault(unit.source, []).append(where)
         index.add_skipped(f"{names[unit.source]['path']} ({where})", _problem(err))
         tqdm.write(f"skipped {names[unit.source]['path']} ({where}): {_problem(err)}", file=sys.stderr)
@@ -612,6 +624,8 @@ def extract(
         plane_units, open_xy = waiting_planes.get(name, ([], set()))
         if name in waiting_planes and not open_xy:
             del waiting_planes[name]
+            for u in plane_units:
+                u.bad_z = bad_z.get(name, [])
             submit(plane_units)
         if name not in waiting_planes and not open_work[name] and name not in failed:
             finish_source(name)
@@ -633,13 +647,12 @@ def extract(
                     break  # the other futures of this wait were broken too, and are requeued
                 except Exception as err:  # noqa: BLE001 - one bad source must not stop the run
                     suspects.discard(task_id(what, payload))
-                    if what == "unit" and payload.kind != "stage" and not (
-                            payload.kind == "xy" and (payload.staging or payload.staging_t)):
+                    if what == "unit":
                         lose_unit(payload, err)  # a bad range: the rest of the source is still good
                         if name in waiting_planes:
                             waiting_planes[name][1].discard(payload.key)
                         maybe_release_planes(name)
-                    else:  # inspection, or xy data the xz / yz planes are cut from
+                    else:  # the source cannot even be opened and sampled
                         fail_source(name, names[name]["path"], err)
                     continue
                 suspects.discard(task_id(what, payload))

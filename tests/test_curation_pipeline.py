@@ -537,6 +537,36 @@ def test_changed_settings_recut_a_source_and_never_overlap_units(shared_data, tm
     assert _rows(tmp_path / "c", "SELECT DISTINCT axis FROM patches") == [("xy",)]  # anisotropic now
 
 
+def test_a_corrupt_range_of_an_isotropic_volume_leaves_out_only_what_crosses_it(shared_data, tmp_path):
+    """xz / yz patches are cut from the staged copies: a lost xy range leaves a hole there, so
+    exactly the xz / yz patches crossing it are left out, and nothing else is lost."""
+    volume = np.concatenate([
+        np.stack([np.asarray(Image.open(f)) for f in sorted((shared_data / d).glob("*.png"))])
+        for d in (NEUROPROOF, NEUROPROOF.replace("sample1", "sample2"))])  # 500 x 250 x 250 real FIB-SEM
+    path = tmp_path / "np_zlib.tif"
+    tifffile.imwrite(path, volume, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        start, size = tif.pages[300].dataoffsets[0], tif.pages[300].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[start + size // 3 : start + size // 3 + 64] = bytes(range(64))  # slice 300 is now garbage
+    path.write_bytes(bytes(data))
+    settings = CurateSettings(filter="none", patches_per_unit=16)  # xy units of 16 slices
+    curate([SourceSpec(path=str(path), name="np")], tmp_path / "c", settings, workers=2, progress=False,
+           report=False)
+    (status, error), = _rows(tmp_path / "c", "SELECT status, error FROM sources")
+    assert status == "partial" and "skipped: xy 288-304" in error and "xz / yz patches crossing" in error
+
+    tifffile.imwrite(path.with_name("clean.tif"), volume, compression="zlib")
+    clean = curate([SourceSpec(path=str(path.with_name("clean.tif")), name="np")], tmp_path / "clean", settings,
+                   workers=2, progress=False, report=False)
+    query = "SELECT axis, slice, y, x, h, w, hash FROM patches ORDER BY 1, 2, 3, 4"
+    expected = [r for r in _rows(clean, query)
+                if not (r[0] == "xy" and 288 <= r[1] < 304) and not (r[0] != "xy" and r[2] < 304 and r[2] + r[4] > 288)]
+    assert _rows(tmp_path / "c", query) == expected
+    assert {r[2] for r in expected if r[0] != "xy"} == {0}  # of the two z-rows of xz / yz patches, the one at 224 is out
+    assert len(expected) == 484 + 250 + 250
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
