@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                skipped=skipped, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, CorpusLockedError) as err:  # mixing patch sizes, a bad filter spec, a second writer
-        print(f"cemnet curate: {err}", file=sys.stderr)
+    except (ValueError, CorpusLockedError, OSError) as err:  # mixing patch sizes, a bad filter spec,
+        print(f"cemnet curate: {err}", file=sys.stderr)  # a second writer, an --out that is a file, a full disk
         return 2
     print(f"corpus: {Path(args.out).resolve()}")
     return 0

@@ -152,6 +152,8 @@ class CorpusIndex:
         meta_path = self.root / "corpus.json"
         if settings is None and not meta_path.exists():
             raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root}: exists and is not a folder; a corpus is a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = lock_corpus(self.root)
         try:

@@ -700,6 +700,10 @@ def test_cli_curate_manifest_and_tools(tmp_path, shared_data, capsys):
     assert len(list((tmp_path / "t").glob("*.tiff"))) == len(Corpus(out))
     assert main(["curate", "report", str(out)]) == 0
     assert main(["curate", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    image = str(shared_data / "isbi2012" / "train" / "images" / "0.png")
+    assert main(["curate", image, "--out", str(manifest), "--no-progress"]) == 2  # --out is a file
+    assert capsys.readouterr().err.strip() == f"cemnet curate: {manifest}: exists and is not a folder; a corpus is a folder"
 
 
 def test_train_filter_from_user_labels_then_refilter(tmp_path, shared_data):
