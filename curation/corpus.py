@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
@@ -446,14 +447,14 @@ class Corpus:
         stats = self.meta.get("stats", {})
         self.mean = float(stats.get("mean", 0.5))
         self.std = float(stats.get("std", 0.25))
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # most recently used last
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = {}  # memmaps reopen in the worker process
+        state["_maps"] = OrderedDict()  # memmaps reopen in the worker process
         return state
 
     @property
@@ -467,11 +468,19 @@ class Corpus:
         """Reader options per source, for ``curation.readers.SourceSpec.from_json`` (3D sampling)."""
         return {name: json.loads(reader) for name, reader in self._source_rows if reader}
 
+    #: Shards kept memory-mapped at once. Each map is one kernel mapping, and Linux allows 65,530
+    #: per process (vm.max_map_count): a corpus cut from 100k small images has one shard each.
+    max_open_shards: int = 1024
+
     def _shard(self, i: int) -> np.ndarray:
         arr = self._maps.get(i)
         if arr is None:
             arr = np.load(self.root / self.shards[i], mmap_mode="r")
             self._maps[i] = arr
+            while len(self._maps) > self.max_open_shards:
+                self._maps.popitem(last=False)  # the least recently used map is unmapped
+        else:
+            self._maps.move_to_end(i)
         return arr
 
     def __getitem__(self, i: int) -> np.ndarray:

@@ -567,6 +567,23 @@ def test_a_corrupt_range_of_an_isotropic_volume_leaves_out_only_what_crosses_it(
     assert len(expected) == 484 + 250 + 250
 
 
+def test_corpus_keeps_few_shards_mapped(shared_data, tmp_path):
+    """One shard per small image: a loader over 100k of them must not hold 100k memory maps
+    (Linux allows 65,530 per process)."""
+    out = curate(_slices_as_sources(shared_data, 12), tmp_path / "c", CurateSettings(filter="none"), workers=1,
+                 progress=False, report=False)
+    corpus = Corpus(out, status=None)
+    assert len(corpus.shards) == 12
+    expected = [corpus[i].copy() for i in range(len(corpus))]
+    small = Corpus(out, status=None)
+    small.max_open_shards = 3
+    for _ in range(2):  # a second pass re-opens shards that were let go
+        for i in np.random.default_rng(0).permutation(len(small)):
+            assert np.array_equal(small[int(i)], expected[int(i)]) and len(small._maps) <= 3
+    patches, _ = small.get_padded(np.arange(len(small)))
+    assert all(np.array_equal(p[:e.shape[0], :e.shape[1]], e) for p, e in zip(patches, expected))
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
     from curation.pipeline import StagingArea
 
