@@ -146,14 +146,14 @@ def run_unit(unit: Unit) -> UnitResult:
     from curation.readers import SourceSpec, open_volume
 
     t0 = time.perf_counter()
-    stride = unit.settings["slice_stride"]
+    dim = AXIS_DIM.get(unit.kind, 0)  # "stage" units are xy ranges; "band" units do not use it
+    wanted = [i for i in slice_indices(unit.shape[dim], unit.settings["slice_stride"]) if unit.start <= i < unit.stop]
     if unit.kind == "band":  # rows start..stop of a large 2D image
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
             band = unit.converter(volume.read(slice(0, 1), slice(unit.start, unit.stop)))[0]
         result = _cut(unit, [(0, band)], "xy", y_offset=unit.start)
     elif unit.kind in ("xy", "stage"):
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
-            wanted = [z for z in slice_indices(unit.shape[0], stride) if unit.start <= z < unit.stop]
             if unit.staging or unit.staging_t:
                 block = unit.converter(volume.read(slice(unit.start, unit.stop)))
                 if unit.staging:
@@ -171,18 +171,16 @@ def run_unit(unit: Unit) -> UnitResult:
         if unit.kind == "stage":
             return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0)
         result = _cut(unit, planes, "xy")
+    elif unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
+        staged = np.load(unit.staging, mmap_mode="r")
+        result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
+        del staged
     else:
-        dim = AXIS_DIM[unit.kind]
-        wanted = [i for i in slice_indices(unit.shape[dim], stride) if unit.start <= i < unit.stop]
-        if unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
-            staged = np.load(unit.staging, mmap_mode="r")
-            result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
-        else:
-            # From the x-first copy: a yz plane is one contiguous block. Read sideways from the
-            # (z, y, x) copy instead, every yz unit would touch every page of it: fine while it
-            # sits in RAM, hundreds of passes over the disk for a volume larger than RAM.
-            staged = np.load(unit.staging_t, mmap_mode="r")
-            result = _cut(unit, [(i, staged[i]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
+        # From the x-first copy: a yz plane is one contiguous block. Read sideways from the
+        # (z, y, x) copy instead, every yz unit would touch every page of it: fine while it
+        # sits in RAM, hundreds of passes over the disk for a volume larger than RAM.
+        staged = np.load(unit.staging_t, mmap_mode="r")
+        result = _cut(unit, [(i, staged[i]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
         del staged
     result.seconds = time.perf_counter() - t0
     return result
@@ -494,7 +492,7 @@ def extract(
     root, cfg = str(index.root), settings.to_json()
     pending: dict[Any, tuple[str, Any]] = {}  # future -> (what, payload)
     names: dict[str, Any] = {}
-    changed: dict[str, str] = {}  # source -> note: its file changed since an earlier run
+    changed: dict[str, str] = {}  # source -> note: cut again (its files or its settings changed)
     open_work: Counter[str] = Counter()  # source -> its queued or running, unfinished inspect / units
     # Work waits here and enters the pool a few tasks at a time, units of sources already open
     # before new sources: few sources in flight, so few staging copies alive at once.
@@ -647,15 +645,13 @@ def extract(
                     break  # the other futures of this wait were broken too, and are requeued
                 except Exception as err:  # noqa: BLE001 - one bad source must not stop the run
                     suspects.discard(task_id(what, payload))
-                    if what == "unit":
-                        lose_unit(payload, err)  # a bad range: the rest of the source is still good
-                        if name in waiting_planes:
-                            waiting_planes[name][1].discard(payload.key)
-                        maybe_release_planes(name)
-                    else:  # the source cannot even be opened and sampled
+                    if what == "inspect":  # the source cannot even be opened and sampled
                         fail_source(name, names[name]["path"], err)
-                    continue
-                suspects.discard(task_id(what, payload))
+                        continue
+                    lose_unit(payload, err)  # a bad range: the rest of the source is still good
+                    result = None
+                else:
+                    suspects.discard(task_id(what, payload))
                 if what == "inspect":
                     insp: Inspection = result
                     index.upsert_source(
@@ -692,7 +688,7 @@ def extract(
                         submit(todo_xy)
                 else:
                     unit: Unit = payload
-                    if unit.kind != "stage":
+                    if result is not None and unit.kind != "stage":
                         index.commit_task(name, result.key, result.shard, result.rows, result.seconds)
                         n_patches += len(result.rows)
                     if name in waiting_planes:
