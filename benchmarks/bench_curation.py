@@ -59,15 +59,17 @@ def _neuroproof() -> np.ndarray:
     return np.concatenate(vols, axis=2)  # (250, 250, 500)
 
 
+def _mirror_tile(base: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``base`` mirror-tiled (no seams of discontinuity at tile borders) and cropped to ``shape``."""
+    reps = [int(np.ceil(s / b)) + 1 for s, b in zip(shape, base.shape)]
+    tiled = np.pad(base, [(0, (r - 1) * b) for r, b in zip(reps, base.shape)], mode="symmetric")
+    return np.ascontiguousarray(tiled[tuple(slice(0, s) for s in shape)])
+
+
 def make_volume(shape: tuple[int, int, int], path: Path) -> None:
     import tifffile
 
-    base = _neuroproof()
-    reps = [int(np.ceil(s / b)) + 1 for s, b in zip(shape, base.shape)]
-    # mirror-tile so there are no seams of discontinuity at tile borders
-    tiled = np.pad(base, [(0, (r - 1) * b) for r, b in zip(reps, base.shape)], mode="symmetric")
-    vol = np.ascontiguousarray(tiled[: shape[0], : shape[1], : shape[2]])
-    tifffile.imwrite(path, vol)
+    tifffile.imwrite(path, _mirror_tile(_neuroproof(), shape))
 
 
 # ---- CEM500K reference pipeline (cross_section3d.py + crop_patches.py), same I/O pattern ----
@@ -166,8 +168,20 @@ def _settle() -> None:
     time.sleep(1.0)
 
 
-def bench_extract(shape, workers: int, reference: bool = True, workdir: str | None = None) -> None:
+def _timed_curate(specs: list, out: Path, workers: int) -> tuple[int, float]:
+    """Run ``cemnet curate`` on ``specs`` after a sync; returns (patches extracted, seconds)."""
+    from curation.corpus import Corpus
     from curation.pipeline import CurateSettings, curate
+
+    _settle()
+    t0 = time.perf_counter()
+    curate(specs, out, CurateSettings(), workers=workers, progress=False, report=False)
+    total = time.perf_counter() - t0
+    return len(Corpus(out, status=None)), total
+
+
+def bench_extract(shape, workers: int, reference: bool = True, workdir: str | None = None) -> None:
+    from curation.corpus import CorpusIndex
     from curation.readers import SourceSpec
 
     work = Path(tempfile.mkdtemp(prefix="cemnet-bench-", dir=workdir))
@@ -175,14 +189,8 @@ def bench_extract(shape, workers: int, reference: bool = True, workdir: str | No
         vol = work / "neuroproof_tiled.tif"
         make_volume(shape, vol)
         print(f"volume {shape} uint8 ({np.prod(shape) / 1e6:.0f} Mvoxel), real NeuroProof FIB-SEM mirrored; {workers} processes")
-        _settle()
-        t0 = time.perf_counter()
-        out = curate([SourceSpec(path=str(vol), name="neuroproof_tiled")], work / "corpus",
-                     CurateSettings(), workers=workers, progress=False, report=False)
-        total = time.perf_counter() - t0
-        from curation.corpus import Corpus, CorpusIndex
-
-        n = len(Corpus(out, status=None))
+        out = work / "corpus"
+        n, total = _timed_curate([SourceSpec(path=str(vol), name="neuroproof_tiled")], out, workers)
         idx = CorpusIndex(out)
         stages = {k: v[0] for k, v in idx.stages().items()}
         n_ex = idx.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0]
@@ -209,7 +217,6 @@ def bench_extract(shape, workers: int, reference: bool = True, workdir: str | No
 
 def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> None:
     import curation
-    from curation.pipeline import CurateSettings, curate
     from curation.readers import discover
 
     folders = [DATA / "neuroproof_fibsem_medulla", DATA / "isbi2012" / "train" / "images", DATA / "isbi2012" / "test"]
@@ -227,13 +234,7 @@ def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> No
                     except OSError:  # another file system: copy
                         shutil.copyfile(spec.path, target)
             specs, _ = discover([str(links)])
-        _settle()
-        t0 = time.perf_counter()
-        curate(specs, work / "corpus", CurateSettings(), workers=workers, progress=False, report=False)
-        total = time.perf_counter() - t0
-        from curation.corpus import Corpus
-
-        n = len(Corpus(work / "corpus", status=None))
+        n, total = _timed_curate(specs, work / "corpus", workers)
         print(f"cemnet curate ({Path(curation.__file__).parent}): {len(specs)} 2D sources, {n} patches in "
               f"{total:.2f} s = {len(specs) / total:.0f} sources/s, {n / total:.0f} patches/s, {workers} processes")
     finally:
@@ -247,26 +248,15 @@ def bench_large_2d(side: int, workers: int, workdir: str | None = None) -> None:
     import tifffile
 
     import curation
-    from curation.pipeline import CurateSettings, curate
     from curation.readers import SourceSpec
 
     tiles = [tifffile.imread(p) for p in sorted((DATA / "muvis_align_sem_tiles" / "tiff_uint16").rglob("*.tiff"))[:4]]
     base = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
-    reps = side // min(base.shape) + 2
-    image = np.pad(base, [(0, (reps - 1) * base.shape[0]), (0, (reps - 1) * base.shape[1])], mode="symmetric")
     work = Path(tempfile.mkdtemp(prefix="cemnet-bench-2d-", dir=workdir))
     try:
         path = work / "mosaic_u16.tif"
-        tifffile.imwrite(path, np.ascontiguousarray(image[:side, :side]))
-        del image
-        _settle()
-        t0 = time.perf_counter()
-        curate([SourceSpec(path=str(path))], work / "corpus", CurateSettings(), workers=workers, progress=False,
-               report=False)
-        total = time.perf_counter() - t0
-        from curation.corpus import Corpus
-
-        n = len(Corpus(work / "corpus", status=None))
+        tifffile.imwrite(path, _mirror_tile(base, (side, side)))
+        n, total = _timed_curate([SourceSpec(path=str(path))], work / "corpus", workers)
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         print(f"cemnet curate ({Path(curation.__file__).parent}): {side}^2 uint16 2D image ({side * side * 2 / 2**20:.0f} MB),"
               f" {n} patches in {total:.2f} s = {n / total:.0f} patches/s; largest worker {rss:.2f} GB; {workers} processes")
