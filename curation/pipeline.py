@@ -284,22 +284,20 @@ def _reserve(path: Path, nbytes: int) -> None:
     """Allocate the blocks of a sparse staging file now: a memory-mapped write into a full disk
     kills the writing process (SIGBUS) instead of raising, which would take the run down."""
     free = shutil.disk_usage(path.parent).free
-    if nbytes > free:
-        path.unlink(missing_ok=True)
-        raise OSError(f"not enough free space in {path.parent} to stage the volume's uint8 copy: "
-                      f"needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     try:
+        if nbytes > free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         fd = os.open(path, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
     except (AttributeError, OSError) as err:
-        if getattr(err, "errno", None) == errno.ENOSPC:
-            path.unlink(missing_ok=True)
-            raise OSError(f"not enough free space in {path.parent} to stage the volume's uint8 copy "
-                          f"({nbytes / 2**30:.1f} GiB)") from err
-        # file systems without fallocate (some network mounts): the free-space check above must do
+        if getattr(err, "errno", None) != errno.ENOSPC:
+            return  # file systems without fallocate (some network mounts): the free-space check must do
+        path.unlink(missing_ok=True)
+        raise OSError(f"not enough free space in {path.parent} to stage the volume's uint8 copy: "
+                      f"needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free") from err
 
 
 class StagingArea:
