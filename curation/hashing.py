@@ -188,7 +188,7 @@ class _HorizontalPass:
         if len(unsure):
             r, c = np.divmod(unsure, value.shape[1])
             exact = np.einsum("ij,ij->i", rows[r].astype(np.float64), self.matrix_t[c])
-            result.flat[unsure] = np.floor((exact + float(1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS))
+            result.flat[unsure] = _clip8(exact)
         np.clip(result, 0, 255, out=result)
         return result
 
