@@ -1,17 +1,24 @@
 """cemnet: self-supervised pretraining for volume electron microscopy.
 
-Four jobs, one direction of data flow:
+Five jobs, one direction of data flow:
 curate (``curation``) -> pretrain (``cemnet.methods``) -> transfer (``cemnet.transfer``)
--> benchmark (``cemnet.benchmarks``).
+-> apply (``cemnet.finetune``, segmentation) -> benchmark (``cemnet.benchmarks``).
 """
+
+from cemnet._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+# Lazy so that ``import cemnet`` stays cheap: torch/timm load on first use only.
+__getattr__, _exports = lazy_exports(
+    __name__,
+    {
+        "load_encoder": "cemnet.transfer.load",
+        "load_model": "cemnet.finetune.model_file",
+    },
+)
+__all__ = ["__version__", *_exports]
 
-def __getattr__(name: str) -> object:  # PEP 562 module attribute
-    # Lazy so that ``import cemnet`` stays cheap: torch/timm load on first use only.
-    if name == "load_encoder":
-        from cemnet.transfer.load import load_encoder
 
-        return load_encoder
-    raise AttributeError(f"module 'cemnet' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(__all__)
