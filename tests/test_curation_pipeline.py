@@ -672,16 +672,28 @@ def test_dedup_does_not_depend_on_the_order_units_finished(small_corpus, tmp_pat
 
 
 def test_dask_cluster_gives_the_same_corpus(tmp_path, shared_data):
-    from distributed import LocalCluster
+    """`--scheduler` sends the work to the cluster's worker processes (pids recorded by the
+    scheduler's task stream), and the corpus equals a local run's."""
+    import os
 
-    spec = SourceSpec(path=str(shared_data / "isbi2012/train/images"), name="isbi", stack=True, voxel_size=(50, 4, 4))
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from curation.cli import main
+
+    images = str(shared_data / "isbi2012/train/images")
+    spec = SourceSpec(path=images, name="isbi", stack=True, voxel_size=(50, 4, 4))
     local = curate([spec], tmp_path / "local", CurateSettings(), workers=2, progress=False, report=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        remote = curate([spec], tmp_path / "dask", CurateSettings(), scheduler=cluster.scheduler_address,
-                        progress=False, report=False)
-    a, b = Corpus(local, status=None), Corpus(remote, status=None)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client, get_task_stream(client=client) as stream:
+        assert main([images, "--stack-folders", "--voxel-size", "50", "4", "4", "--out", str(tmp_path / "dask"),
+                     "--scheduler", cluster.scheduler_address, "--no-progress"]) == 0
+        worker_pids = client.run(os.getpid)  # {worker address: pid}
+    ran = [(t["key"].split("-")[0], t["worker"]) for t in stream.data]
+    assert {"inspect_source", "run_unit", "filter_batch"} <= {name for name, _ in ran}
+    assert all(worker_pids[w] != os.getpid() for _, w in ran)  # on the workers, not in this process
+    a, b = Corpus(local, status=None), Corpus(tmp_path / "dask", status=None)
     assert sorted(a.hashes.tolist()) == sorted(b.hashes.tolist())
-    assert len(Corpus(local)) == len(Corpus(remote))
+    assert len(Corpus(local)) == len(Corpus(tmp_path / "dask"))
 
 
 def test_tiff_folder_export_and_read_back(small_corpus, tmp_path):
