@@ -105,13 +105,39 @@ class CorpusLockedError(RuntimeError):
     """Another writer (a running ``cemnet curate``, or an open :class:`CorpusIndex`) holds the corpus."""
 
 
+_held_lock_fds: set[int] = set()  # descriptors of the corpus locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a worker of the process pool): let go of the parent's corpus locks.
+
+    An ``flock`` belongs to the open file, which ``fork`` shares with the child: a worker that
+    outlived a killed ``cemnet curate`` kept the lock and every resume was refused. ``dup2`` of
+    /dev/null over the inherited descriptor drops the child's share of it (closing the number
+    instead could later close an unrelated file that reused it); the parent keeps the lock."""
+    if not _held_lock_fds:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in _held_lock_fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def lock_corpus(root: Path) -> IO[str] | None:
     """Take ``root/.lock`` exclusively; the lock lasts while the returned file stays open.
 
     It is an ``flock``: the kernel drops it when its holder exits, however it dies (Ctrl-C,
-    SIGKILL, OOM), so a crashed run never leaves a stale lock to remove by hand. On a file
-    system without locks (some network mounts) it warns and goes on unlocked; on a platform
-    without ``fcntl`` it does nothing.
+    SIGKILL, OOM), so a crashed run never leaves a stale lock to remove by hand. Processes
+    forked while it is held (pool workers) do not keep it (see :func:`_drop_inherited_locks`).
+    On a file system without locks (some network mounts) it warns and goes on unlocked; on a
+    platform without ``fcntl`` it does nothing.
     """
     try:
         import fcntl
@@ -135,6 +161,7 @@ def lock_corpus(root: Path) -> IO[str] | None:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     handle.flush()
+    _held_lock_fds.add(handle.fileno())
     return handle
 
 
@@ -197,6 +224,7 @@ class CorpusIndex:
 
     def _release_lock(self) -> None:
         if self._lock is not None:
+            _held_lock_fds.discard(self._lock.fileno())
             self._lock.close()  # closing the file drops the flock
             self._lock = None
 

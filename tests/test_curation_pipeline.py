@@ -245,6 +245,68 @@ def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(small_corpus, s
     assert _rows(copy, "SELECT COUNT(*) FROM patches WHERE source = 'extra'")[0][0] == 4
 
 
+def _children(pid: int) -> set[int]:
+    from pathlib import Path as _Path
+
+    found = set()
+    for task in _Path(f"/proc/{pid}/task").glob("*/children"):
+        found.update(int(c) for c in task.read_text().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the pool workers")
+def test_killing_only_the_parent_leaves_no_lock_and_the_same_command_resumes(shared_data, tmp_path, capsys):
+    """`kill -9` of the `cemnet curate` parent alone: its forked pool workers must not keep the
+    corpus lock (they used to, and every resume was refused naming the dead parent)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from curation.cli import main as curate_cli
+
+    stack = str(shared_data / NEUROPROOF)
+    args = [stack, "--stack-folders", "--voxel-size", "10", "10", "10", "--filter", "none", "--no-progress"]
+    # The real CLI in a subprocess; units are slowed down so the kill lands mid-run.
+    script = ("import sys, time\nfrom curation import pipeline\nfrom curation.cli import main\n"
+              "real = pipeline.run_unit\n"
+              "def slow(unit):\n    time.sleep(0.5)\n    return real(unit)\n"
+              "pipeline.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.Popen([sys.executable, "-c", script, *args, "--out", str(tmp_path / "c"), "--workers", "2"],
+                           stderr=subprocess.DEVNULL)
+    deadline, workers = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.1)
+        workers = _children(run.pid)
+        try:
+            done = _rows(tmp_path / "c", "SELECT COUNT(*) FROM tasks")[0][0]
+        except sqlite3.OperationalError:
+            continue
+        if done >= 1 and len(workers) >= 2:
+            break
+    assert run.poll() is None and len(workers) >= 2, "the run ended before it could be killed"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)  # the workers die with their parent
+
+    assert curate_cli([*args, "--out", str(tmp_path / "c"), "--workers", "2"]) == 0  # nothing deleted by hand
+    assert "being written" not in capsys.readouterr().err
+    assert curate_cli([*args, "--out", str(tmp_path / "clean"), "--workers", "2"]) == 0
+    query = "SELECT source, axis, slice, y, x, hash, status FROM patches ORDER BY 1, 2, 3, 4, 5"
+    assert _rows(tmp_path / "c", query) == _rows(tmp_path / "clean", query)
+
+
 def test_a_source_rewritten_since_an_earlier_run_is_cut_again(shared_data, tmp_path, capsys):
     """A lab re-exports a stack under the same name: its old patches must not linger or mix."""
     isbi = shared_data / "isbi2012" / "train" / "images"
