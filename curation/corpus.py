@@ -98,6 +98,34 @@ def read_rows(
     return out
 
 
+# Patch ids are made from provenance, so two runs of the same command give every patch the same
+# id whatever order parallel units finish in (label CSVs keyed by id carry over to a rebuilt
+# corpus), and ``ORDER BY id`` is source, plane, slice, row, column: the shards' own order.
+_ID_SOURCE_SHIFT, _ID_AXIS_SHIFT = 40, 38
+_ID_AXES = ("xy", "xz", "yz")
+
+
+def provenance_ids(source_no: int, shape_zyx: Sequence[int], patch_size: int,
+                   rows: Sequence[tuple]) -> list[int]:
+    """Patch ids for index ``rows`` (laid out as :data:`PATCH_COLUMNS`) of the source whose
+    ``sources.id`` is ``source_no`` and whose volume has ``shape_zyx``: the source number, the
+    plane, then the patch's position in the grid of its plane (slice, row, column)."""
+    nz, ny, nx = (int(v) for v in shape_zyx)
+    plane = {"xy": (ny, nx), "xz": (nz, nx), "yz": (nz, ny)}
+    if not 0 < source_no < 2 ** (63 - _ID_SOURCE_SHIFT):
+        raise ValueError(f"source number {source_no} out of the range patch ids can hold")
+    ids = []
+    for row in rows:
+        axis, index, y, x = row[3], int(row[4]), int(row[5]), int(row[6])
+        h, w = plane[axis]
+        rows_per_plane, cols = -(-h // patch_size), -(-w // patch_size)
+        local = (index * rows_per_plane + y // patch_size) * cols + x // patch_size
+        if local >= 2**_ID_AXIS_SHIFT:
+            raise ValueError(f"patch {axis} {index} {y} {x}: position out of the range patch ids can hold")
+        ids.append((source_no << _ID_SOURCE_SHIFT) | (_ID_AXES.index(axis) << _ID_AXIS_SHIFT) | local)
+    return ids
+
+
 LOCK_FILE = ".lock"
 
 
@@ -280,10 +308,16 @@ class CorpusIndex:
 
         Rows of an earlier, interrupted attempt at the same shard are replaced, never doubled.
         """
+        found = self.db.execute("SELECT id, shape_zyx FROM sources WHERE name=?", (source,)).fetchone()
+        if found and found[1]:  # ids from provenance (a source without a shape: SQLite's next rowid)
+            ids = provenance_ids(found[0], json.loads(found[1]), self.patch_size, rows)
+            rows = [(i, *r) for i, r in zip(ids, rows)]
+        else:
+            rows = [(None, *r) for r in rows]
         with self.write():
             self.db.execute("DELETE FROM patches WHERE shard=?", (shard,))
             self.db.executemany(
-                f"INSERT INTO patches ({', '.join(PATCH_COLUMNS)}) VALUES ({', '.join('?' * len(PATCH_COLUMNS))})",
+                f"INSERT INTO patches (id, {', '.join(PATCH_COLUMNS)}) VALUES (?, {', '.join('?' * len(PATCH_COLUMNS))})",
                 rows,
             )
             self.db.execute(

@@ -731,8 +731,8 @@ def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = T
     table = index.patch_table(["id", "source", "axis", "slice", "y", "x", "hash"])
     if len(table["id"]) == 0:
         return {}
-    # Visit patches in an order fixed by their provenance, not by their ids: ids follow the order
-    # in which parallel units happened to finish, so the seeded permutation would differ per run.
+    # Visit patches in an order fixed by their provenance, not by their ids: ids come from
+    # provenance too, but a corpus written before that numbered them in the order units finished.
     canonical = np.lexsort((table["x"], table["y"], table["slice"], table["axis"], table["source"]))
     table = {k: v[canonical] for k, v in table.items()}
     datasets = {r["name"]: (r["dataset"] or r["name"]) for r in index.sources()}

@@ -733,6 +733,22 @@ def test_dedup_does_not_depend_on_the_order_units_finished(small_corpus, tmp_pat
     assert sum(k == g for k, g in decisions[0]) < len(decisions[0])  # there were duplicates to decide
 
 
+def test_patch_ids_are_the_same_in_two_identical_runs_with_two_workers(shared_data, tmp_path):
+    """Ids come from provenance, not from the order parallel units finish in: a label CSV keyed
+    by patch id carries over to a rebuilt corpus."""
+    specs = [SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True, voxel_size=(10, 10, 10)),
+             *_slices_as_sources(shared_data, 6)]
+    settings = CurateSettings(filter="none", patches_per_unit=16)  # many small units finishing in any order
+    query = "SELECT id, source, axis, slice, y, x, hash FROM patches ORDER BY id"
+    runs = []
+    for k in range(2):
+        curate(specs, tmp_path / f"c{k}", settings, workers=2, progress=False, report=False)
+        runs.append(_rows(tmp_path / f"c{k}", query))
+    assert runs[0] == runs[1] and len(runs[0]) == 750 + 6
+    order = [s.name for s in specs]  # ids run in provenance order: source, plane, slice, row, column
+    assert [r[1:6] for r in runs[0]] == sorted((r[1:6] for r in runs[0]), key=lambda r: (order.index(r[0]), r[1:]))
+
+
 def test_dask_cluster_gives_the_same_corpus(tmp_path, shared_data):
     """`--scheduler` sends the work to the cluster's worker processes (pids recorded by the
     scheduler's task stream), and the corpus equals a local run's."""
