@@ -4,6 +4,7 @@
     cemnet curate export-tiff CORPUS OUT                 CEM500K-style folder of 8-bit TIFFs
     cemnet curate train-filter CORPUS --labels CSV --out filter.json
     cemnet curate report CORPUS                          rewrite the report
+    cemnet curate verify CORPUS                          check every shard against its checksum
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from curation.pipeline import CurateSettings
 
-TOOLS = ("export-tiff", "train-filter", "report")
+TOOLS = ("export-tiff", "train-filter", "report", "verify")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,10 @@ def _tool(argv: list[str]) -> int:
         flt.save(a.out)
         print(json.dumps(metrics, indent=1))
         print(f"wrote {a.out}; use: cemnet curate ... --filter logistic:{a.out}")
+    elif tool == "verify":
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        a = p.parse_args(rest)
+        return verify(a.corpus, progress=not a.no_progress)
     else:
         from curation.corpus import CorpusIndex, CorpusLockedError
         from curation.report import write_report
@@ -127,6 +132,33 @@ def _tool(argv: list[str]) -> int:
         finally:
             index.close()
     return 0
+
+
+def verify(corpus: str, progress: bool = True) -> int:
+    """``cemnet curate verify``: a table of the shards that fail; 1 if any does, else 0."""
+    from curation.corpus import CorpusError, verify_shards
+
+    if not (Path(corpus) / "corpus.json").is_file():
+        print(f"cemnet curate verify: {corpus}: no corpus.json (not a cemnet corpus)", file=sys.stderr)
+        return 2
+    try:
+        problems, counts = verify_shards(corpus, progress=progress)
+    except CorpusError as err:
+        print(f"cemnet curate verify: {err}", file=sys.stderr)
+        return 2
+    unverified = (f"; {counts['unverified']} written before checksums existed: their shape alone was checked"
+                  if counts["unverified"] else "")
+    if not problems:
+        print(f"{corpus}: all {counts['shards']} shards ({counts['patches']} patches) intact{unverified}")
+        return 0
+    width = max(len("shard"), *(len(b["shard"]) for b in problems))
+    print(f"{'shard':<{width}}  {'patches':>7}  problem")
+    for bad in problems:
+        print(f"{bad['shard']:<{width}}  {bad['patches']:>7}  {bad['problem']}")
+    print(f"{corpus}: {len(problems)} of {counts['shards']} shards failed ({sum(b['patches'] for b in problems)} "
+          f"of {counts['patches']} patches){unverified}. Run the `cemnet curate` command that built the "
+          "corpus again: it drops the damaged shards and cuts them again")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

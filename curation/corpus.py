@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 CREATE TABLE IF NOT EXISTS tasks (
     source TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, n_patches INTEGER,
-    seconds REAL, PRIMARY KEY (source, key)
+    seconds REAL, checksum TEXT, PRIMARY KEY (source, key)
 );
 CREATE TABLE IF NOT EXISTS patches (
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, shard TEXT NOT NULL, offset INTEGER NOT NULL,
@@ -124,6 +124,83 @@ def provenance_ids(source_no: int, shape_zyx: Sequence[int], patch_size: int,
             raise ValueError(f"patch {axis} {index} {y} {x}: position out of the range patch ids can hold")
         ids.append((source_no << _ID_SOURCE_SHIFT) | (_ID_AXES.index(axis) << _ID_AXIS_SHIFT) | local)
     return ids
+
+
+def shard_checksum(patches: np.ndarray) -> str:
+    """Checksum of a shard's patch data (the array's bytes in C order): ``xxh3_128:<hex>``.
+    xxh3 runs at ~10 GB/s here (sha256: 0.6 GB/s, as long as hashing the patches)."""
+    import xxhash
+
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(np.ascontiguousarray(patches).reshape(-1).data)
+
+
+def check_shard(path: Path, n_patches: int, patch_size: int, checksum: str | None) -> str | None:
+    """What is wrong with the shard at ``path`` that should hold ``n_patches`` patches with
+    ``checksum`` (None: written before checksums, only its shape is checked); None if intact."""
+    if not path.is_file():
+        return "missing"
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        return f"unreadable ({err})"
+    expected = (int(n_patches), patch_size, patch_size)
+    if data.dtype != np.uint8 or data.shape != expected:
+        return f"holds {data.dtype} {data.shape}, the index expects uint8 {expected}"
+    if checksum is None:
+        return None
+    if not checksum.startswith("xxh3_128:"):
+        return f"unknown checksum kind {checksum.split(':')[0]!r}"
+    if shard_checksum(data) != checksum:
+        return "checksum mismatch: its patch data changed after it was written"
+    return None
+
+
+def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
+                  progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Check every finished unit's shard of the corpus at ``root`` (or of ``sources``) against
+    the index: present, readable, the shape its rows say, and the checksum recorded when it was
+    written; also that the index's rows fit in it. Reads every shard once, with a progress bar.
+
+    Returns (problems, counts): one dict per bad shard (``source``, ``key``, ``shard``,
+    ``patches``, ``problem``), and ``{"shards", "patches", "unverified"}`` (unverified: shards
+    from before checksums, whose shape alone was checked)."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    try:
+        meta = json.loads((root / "corpus.json").read_text())
+        patch_size = int(meta["settings"]["patch_size"])
+        with read_only_index(root) as db:
+            has_checksum = "checksum" in {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+            tasks = db.execute(
+                f"SELECT source, key, n_patches, {'checksum' if has_checksum else 'NULL'} FROM tasks "
+                "WHERE status='done' ORDER BY source, key").fetchall()
+            in_index = {r[0]: (r[1], r[2]) for r in db.execute(
+                "SELECT shard, COUNT(*), MAX(offset) FROM patches GROUP BY shard")}
+    except (OSError, ValueError, KeyError, sqlite3.DatabaseError) as err:
+        raise CorpusError(root, f"cannot read the corpus's index ({err})") from None
+    wanted = None if sources is None else set(sources)
+    tasks = [t for t in tasks if wanted is None or t[0] in wanted]
+    problems, counts = [], {"shards": 0, "patches": 0, "unverified": 0}
+    for source, key, n, checksum in tqdm(tasks, desc="verify", unit="shard", disable=not progress):
+        shard = f"shards/{source}/{key}.npy"
+        problem = check_shard(root / shard, n, patch_size, checksum)
+        rows, last = in_index.get(shard, (0, -1))
+        if problem is None and (rows != n or last >= n):
+            problem = f"the index lists {rows} patches in it, offsets up to {last}; it holds {n}"
+        counts["shards"] += 1
+        counts["patches"] += int(n)
+        counts["unverified"] += checksum is None
+        if problem:
+            problems.append({"source": source, "key": key, "shard": shard, "patches": int(n), "problem": problem})
+    return problems, counts
+
+
+class CorpusError(ValueError):
+    """A damaged or inconsistent corpus: the message names the file and what to do."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
 
 
 LOCK_FILE = ".lock"
@@ -248,6 +325,8 @@ class CorpusIndex:
         for added in ("fingerprint", "cut_settings"):  # a corpus written before these columns existed
             if added not in columns:
                 self.db.execute(f"ALTER TABLE sources ADD COLUMN {added} TEXT")
+        if "checksum" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN checksum TEXT")
         self.save_meta()
 
     def _release_lock(self) -> None:
@@ -303,10 +382,12 @@ class CorpusIndex:
     def all_tasks(self, source: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM tasks WHERE source=?", (source,))}
 
-    def commit_task(self, source: str, key: str, shard: str, rows: Sequence[tuple], seconds: float) -> None:
+    def commit_task(self, source: str, key: str, shard: str, rows: Sequence[tuple], seconds: float,
+                    checksum: str | None = None) -> None:
         """Record a finished work unit and its patches in one transaction (all or nothing).
 
         Rows of an earlier, interrupted attempt at the same shard are replaced, never doubled.
+        ``checksum``: :func:`shard_checksum` of the shard's patches, checked by :func:`verify_shards`.
         """
         found = self.db.execute("SELECT id, shape_zyx FROM sources WHERE name=?", (source,)).fetchone()
         if found and found[1]:  # ids from provenance (a source without a shape: SQLite's next rowid)
@@ -321,8 +402,20 @@ class CorpusIndex:
                 rows,
             )
             self.db.execute(
-                "INSERT OR REPLACE INTO tasks VALUES (?, ?, 'done', ?, ?)", (source, key, len(rows), seconds)
+                "INSERT OR REPLACE INTO tasks VALUES (?, ?, 'done', ?, ?, ?)", (source, key, len(rows), seconds, checksum)
             )
+
+    def drop_task(self, source: str, key: str) -> int:
+        """Forget one finished unit (its shard failed verification): its patches, its row and its
+        shard go, so nothing serves the damaged data and the next run cuts it again. Returns
+        how many patches it had."""
+        shard = f"shards/{source}/{key}.npy"
+        (self.root / shard).unlink(missing_ok=True)  # first: a crash in between leaves a unit done_tasks redoes
+        with self.write():
+            n = self.db.execute("DELETE FROM patches WHERE shard=?", (shard,)).rowcount
+            self.db.execute("DELETE FROM tasks WHERE source=? AND key=?", (source, key))
+            self.db.execute("UPDATE sources SET status='pending' WHERE name=?", (source,))
+        return int(n)
 
     def forget_source(self, name: str) -> int:
         """Drop every patch, work unit and shard of ``name`` (its data changed); returns how many

@@ -42,7 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 from curation.convert import Uint8Converter, sample_image, sample_volume
-from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, write_index_cache
+from curation.corpus import (CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, shard_checksum, verify_shards,
+                             write_index_cache)
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
@@ -103,6 +104,7 @@ class UnitResult:
     shard: str
     rows: list[tuple] = field(default_factory=list)
     seconds: float = 0.0
+    checksum: str | None = None  # of the shard's patches (see curation.corpus.shard_checksum)
 
 
 _scratch_buffers = threading.local()
@@ -138,7 +140,7 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: 
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     atomic_save_npy(Path(unit.root) / unit.shard, patches)
     out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
-    return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0)
+    return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0, shard_checksum(patches))
 
 
 def run_unit(unit: Unit) -> UnitResult:
@@ -504,6 +506,28 @@ def _problem(err: BaseException) -> str:
     return text if text else type(err).__name__
 
 
+def drop_damaged_shards(index: CorpusIndex, paths: set[str], progress: bool = True) -> dict[str, str]:
+    """Verify the shards of finished units (a resume, or sources added to a corpus) and drop
+    each damaged one with its patches, so it is cut again; returns {source: note} for the
+    sources that lost shards. A damaged source not among ``paths`` (this run's sources) is
+    named: its patches stay out of the corpus until a run that includes it cuts them again."""
+    index.flush()  # the verifier reads committed rows through its own connection
+    problems, _ = verify_shards(index.root, progress=progress)
+    lost: dict[str, list[dict]] = {}
+    for bad in problems:
+        n = index.drop_task(bad["source"], bad["key"])
+        lost.setdefault(bad["source"], []).append(bad)
+        tqdm.write(f"{index.root / bad['shard']}: {bad['problem']}; its {n} patches were dropped", file=sys.stderr)
+    notes = {}
+    for source, bad in lost.items():
+        row = index.source(source)
+        if row is not None and row["path"] not in paths:
+            tqdm.write(f"{source} ({row['path']}) is not among this run's sources: give it again to cut "
+                       f"its {len(bad)} damaged shard(s) again", file=sys.stderr)
+        notes[source] = f"cut again where {len(bad)} shard(s) failed verification ({', '.join(b['key'] for b in bad)})"
+    return notes
+
+
 def extract(
     index: CorpusIndex, specs: Sequence[Any], settings: CurateSettings, executor: Executor, progress: bool = True
 ) -> None:
@@ -523,6 +547,7 @@ def extract(
     lost_units: dict[str, list[str]] = {}  # source -> units skipped for bad data in their range
     bad_z: dict[str, list[tuple[int, int]]] = {}  # source -> z-ranges missing from its staged copies
     cut = {k: cfg[k] for k in (*PATCH_SETTINGS, *PLAN_SETTINGS)}
+    recut = drop_damaged_shards(index, {str(spec.path) for spec in specs}, progress)
     for spec in specs:
         spec_json = spec.to_json()
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
@@ -530,6 +555,8 @@ def extract(
         row = index.source(name)
         fingerprint = source_fingerprint(spec.path)
         why = _why_cut_again(row, fingerprint, cut, spec_json)
+        if name in recut:
+            changed[name] = recut[name]
         if why:
             n = index.forget_source(name)  # never mix patches of two versions of a file or of a cut
             if n:
@@ -681,7 +708,8 @@ def extract(
                         notes=insp.notes + ([changed[name]] if name in changed else []),
                     )
                     if insp.result is not None:
-                        index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows, insp.result.seconds)
+                        index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows,
+                                          insp.result.seconds, insp.result.checksum)
                         n_patches += len(insp.result.rows)
                     else:
                         done = index.done_tasks(name)
@@ -708,7 +736,7 @@ def extract(
                 else:
                     unit: Unit = payload
                     if result is not None and unit.kind != "stage":
-                        index.commit_task(name, result.key, result.shard, result.rows, result.seconds)
+                        index.commit_task(name, result.key, result.shard, result.rows, result.seconds, result.checksum)
                         n_patches += len(result.rows)
                     if name in waiting_planes:
                         waiting_planes[name][1].discard(unit.key)

@@ -860,6 +860,38 @@ def test_lost_or_truncated_shard_is_redone(tmp_path, shared_data):
         assert np.array_equal(after[j], before[i])
 
 
+def test_a_shard_zeroed_in_the_middle_is_reported_by_verify_and_cut_again(tmp_path, shared_data, capsys):
+    """Same size, same header, zeros in the middle: only the checksum can tell. `cemnet curate
+    verify` names it; the next run drops it and cuts it again; the corpus then equals a clean one."""
+    from curation.cli import main as curate_cli
+
+    stack = str(shared_data / NEUROPROOF)
+    args = [stack, "--stack-folders", "--voxel-size", "10", "10", "10", "--no-progress", "--workers", "1"]
+    assert curate_cli([*args, "--out", str(tmp_path / "clean")]) == 0
+    shutil.copytree(tmp_path / "clean", tmp_path / "c")
+    shard = sorted((tmp_path / "c" / "shards").glob("*/xz-*.npy"))[1]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:  # zero 100 kB in the middle of the patch data
+        fh.seek(size // 2)
+        fh.write(bytes(100_000))
+    assert shard.stat().st_size == size
+    capsys.readouterr()
+    assert curate_cli(["verify", str(tmp_path / "clean"), "--no-progress"]) == 0
+    assert "intact" in capsys.readouterr().out
+    assert curate_cli(["verify", str(tmp_path / "c"), "--no-progress"]) == 1
+    table = capsys.readouterr().out
+    rel = str(shard.relative_to(tmp_path / "c"))
+    assert [line.split()[0] for line in table.splitlines()[1:-1]] == [rel] and "checksum mismatch" in table
+    assert "1 of " in table.splitlines()[-1]
+
+    assert curate_cli([*args, "--out", str(tmp_path / "c")]) == 0  # the resume verifies and cuts it again
+    assert f"{shard}: checksum mismatch" in capsys.readouterr().err
+    assert curate_cli(["verify", str(tmp_path / "c"), "--no-progress"]) == 0
+    query = "SELECT id, source, shard, offset, axis, slice, y, x, hash, group_id, status, reason FROM patches ORDER BY id"
+    assert _rows(tmp_path / "c", query) == _rows(tmp_path / "clean", query)
+    assert np.array_equal(np.load(shard), np.load(tmp_path / "clean" / rel))
+
+
 def test_columnar_index_cache_matches_sqlite_and_goes_stale(small_corpus, tmp_path):
     """Loaders open big corpora from index_cache.npz; it must equal the SQLite index, and be
     ignored as soon as the index changes."""
