@@ -11,7 +11,11 @@ Rules (``--uint8``):
 * ``percentile`` -- robust linear stretch between two percentiles (default 0.5 and 99.5) of a
   sample of the whole volume, rounded. Right for float data and low-dynamic-range integers.
 * ``minmax`` -- linear stretch between the sampled minimum and maximum.
-* ``auto`` (default) -- uint8 unchanged, other integers by ``dtype``, floats by ``percentile``.
+* ``auto`` (default) -- uint8 unchanged, other integers by ``dtype``, floats by ``percentile``;
+  but integers whose sampled values would fill fewer than :data:`MIN_DTYPE_LEVELS` grey levels
+  under ``dtype`` (values 0-65535 stored as uint32 map to 0 only; 12-bit data in uint16 to 0-15)
+  are stretched by ``percentile`` instead, and the source's notes say so. ``--uint8 dtype``
+  forces CEM500K's rule regardless (the notes then give the grey levels it leaves).
 
 Non-finite values (NaN, +-inf) are excluded from the statistics and written as 0; their fraction
 is reported. A constant image maps to 0 under the stretch rules (there is no contrast to stretch),
@@ -27,6 +31,9 @@ from typing import Any
 import numpy as np
 
 RULES = ("auto", "dtype", "percentile", "minmax")
+#: ``auto`` gives up the dtype-range rule for the percentile stretch when the sampled data would
+#: span fewer grey levels than this (1/8 of uint8's range): every patch would look flat.
+MIN_DTYPE_LEVELS = 32
 
 
 class ConversionError(ValueError):
@@ -67,8 +74,7 @@ class Uint8Converter:
         if finite.size == 0:
             raise ConversionError("the data has no finite values (all NaN or inf)")
         stats.update(min=float(finite.min()), max=float(finite.max()))
-        if rule == "auto":
-            rule = "dtype" if dtype.kind in "uib" else "percentile"
+        chosen, rule = rule, ("dtype" if dtype.kind in "uib" else "percentile") if rule == "auto" else rule
         if dtype == np.uint8 and rule == "dtype":
             return cls("identity", dtype.str, 0.0, 255.0, stats=stats)
         if rule == "dtype":
@@ -80,6 +86,18 @@ class Uint8Converter:
                 info = np.iinfo(dtype)
                 low = 0.0 if (info.min == 0 or stats["min"] >= 0) else float(info.min)
                 high = float(info.max)
+            levels = int((stats["max"] - low) / (high - low) * 255) - int((stats["min"] - low) / (high - low) * 255) + 1
+            span = f"{dtype} data spanning {stats['min']:g}-{stats['max']:g}"
+            if dtype.kind in "iu" and levels < MIN_DTYPE_LEVELS and chosen == "auto" and stats["max"] > stats["min"]:
+                fallback = cls.fit(sample, dtype, "percentile", percentiles)
+                fallback.stats["note"] = (
+                    f"{span} would fill {levels} of 256 grey levels by its dtype range (CEM500K's rule): "
+                    f"stretched between its {percentiles[0]:g}-{percentiles[1]:g} percentiles instead "
+                    "(--uint8 dtype forces the dtype range)")
+                return fallback
+            if dtype.kind in "iu" and levels < MIN_DTYPE_LEVELS:
+                stats["note"] = (f"{span} fills only {levels} of 256 grey levels by its dtype range "
+                                 "(--uint8 auto or percentile would stretch it)")
             return cls("dtype", dtype.str, low, high, truncate=True, stats=stats)
         if rule == "percentile":
             low, high = (float(v) for v in np.percentile(finite, percentiles))

@@ -231,6 +231,8 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
             image = volume.read()
             sample = image
         converter = Uint8Converter.fit(sample, volume.dtype, settings["uint8_rule"], tuple(settings["percentiles"]))
+        if converter.stats.get("note"):  # e.g. wide integers stretched instead of the dtype-range rule
+            notes.append(converter.stats["note"])
         if converter.stats.get("nonfinite_fraction", 0) > 0:
             notes.append(f"{converter.stats['nonfinite_fraction']:.2%} non-finite values (NaN/inf) written as 0")
         planes = plan_planes(

@@ -98,6 +98,22 @@ def test_uint8_cem500k_rule_for_16bit_tiles(shared_data):
     assert pct.min() == 0 and pct.max() == 255 and pct.std() > out.std()
 
 
+def test_uint8_auto_stretches_wide_integers_the_dtype_range_would_flatten(shared_data):
+    """Real 16-bit SEM tile stored as uint32 (converted here; no uint32 EM in the shared data):
+    by its dtype range it would be all 0; `auto` stretches it and says why; `dtype` obeys."""
+    tile = tifffile.imread(shared_data / "muvis_align_sem_tiles" / "tiff_uint16" / "S000" / "000_000_0.tiff")
+    wide = tile.astype(np.uint32)
+    auto = Uint8Converter.fit(wide, wide.dtype)
+    assert auto.rule == "percentile" and "1 of 256 grey levels" in auto.stats["note"]
+    assert np.array_equal(auto(wide), Uint8Converter.fit(tile, tile.dtype, "percentile")(tile))
+    forced = Uint8Converter.fit(wide, wide.dtype, "dtype")
+    assert forced.rule == "dtype" and forced(wide).max() == 0 and "only 1 of 256" in forced.stats["note"]
+    twelve_bit = (tile >> 4).astype(np.uint16)  # 12-bit data in uint16: 16 grey levels by dtype range
+    assert Uint8Converter.fit(twelve_bit, twelve_bit.dtype).rule == "percentile"
+    assert "note" not in Uint8Converter.fit(tile, tile.dtype).stats  # full-range 16-bit: CEM500K's rule
+    assert Uint8Converter.fit(tile, tile.dtype).rule == "dtype"
+
+
 def test_uint8_signed_float_nan_and_constant(shared_data):
     tile = tifffile.imread(shared_data / "muvis_align_sem_tiles" / "tiff_uint16" / "S000" / "000_001_0.tiff")
     signed = (tile.astype(np.int32) - 45000).astype(np.int16)  # real data, shifted to have negatives

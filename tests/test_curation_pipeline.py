@@ -749,6 +749,23 @@ def test_patch_ids_are_the_same_in_two_identical_runs_with_two_workers(shared_da
     assert [r[1:6] for r in runs[0]] == sorted((r[1:6] for r in runs[0]), key=lambda r: (order.index(r[0]), r[1:]))
 
 
+def test_uint32_volume_is_stretched_not_flattened_and_the_report_says_so(shared_data, tmp_path):
+    """Real ISBI slices scaled to 16-bit values and stored as a uint32 TIFF stack (made here: the
+    shared data has no uint32 EM). The dtype-range rule maps them all to 0 and every patch is
+    filtered; `auto` falls back to the percentile stretch and notes it in the report."""
+    slices = [np.asarray(Image.open(f)) for f in sorted((shared_data / "isbi2012/train/images").glob("*.png"))[:8]]
+    stack = tmp_path / "wide.tif"
+    tifffile.imwrite(stack, np.stack(slices).astype(np.uint32) * 257)
+    spec = SourceSpec(path=str(stack), name="wide", voxel_size=(50, 4, 4))
+    curate([spec], tmp_path / "auto", CurateSettings(), workers=1, progress=False)
+    (rule, notes), = _rows(tmp_path / "auto", "SELECT uint8_rule, notes FROM sources")
+    assert json.loads(rule)["rule"] == "percentile" and "would fill 1 of 256 grey levels" in notes
+    assert _rows(tmp_path / "auto", "SELECT COUNT(*) FROM patches WHERE status = 'kept'")[0][0] > 0
+    assert "stretched between its 0.5-99.5 percentiles" in (tmp_path / "auto/report/report.html").read_text()
+    curate([spec], tmp_path / "dtype", CurateSettings(uint8_rule="dtype"), workers=1, progress=False, report=False)
+    assert _rows(tmp_path / "dtype", "SELECT COUNT(*) FROM patches WHERE status = 'kept'")[0][0] == 0
+
+
 def test_dask_cluster_gives_the_same_corpus(tmp_path, shared_data):
     """`--scheduler` sends the work to the cluster's worker processes (pids recorded by the
     scheduler's task stream), and the corpus equals a local run's."""
