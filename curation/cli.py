@@ -15,15 +15,36 @@ from pathlib import Path
 
 from curation.pipeline import CurateSettings
 
-TOOLS = ("export-tiff", "train-filter", "report", "verify")
+TOOLS = {
+    "export-tiff": "write a CEM500K-style folder of 8-bit TIFF patches",
+    "train-filter": "train a logistic patch filter from your labels (CSV of patch_id,informative)",
+    "report": "write the corpus report again (report/report.html)",
+    "verify": "check every shard against the checksum in the index; list the damaged ones",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless it states it); descriptions keep their
+    line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or action.required or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {'none' if default in (None, '') else default})"
 
 
 def _build_parser() -> argparse.ArgumentParser:
     d = CurateSettings()
+    tools = "\n".join(f"  {name:<13} {what}" for name, what in TOOLS.items())
     p = argparse.ArgumentParser(
-        prog="cemnet curate",
-        description="Raw EM archives -> deduplicated, filtered 8-bit 2D patch corpus with provenance. "
-        f"Tools: cemnet curate {{{','.join(TOOLS)}}} --help",
+        prog="cemnet curate", formatter_class=_HelpFormatter,
+        description="Raw EM archives -> deduplicated, filtered 8-bit 2D patch corpus with provenance.\n"
+        "Re-running the same command resumes; adding sources extends the corpus.",
+        epilog=f"corpus tools: cemnet curate TOOL CORPUS ... (each has --help)\n{tools}",
     )
     p.add_argument("sources", nargs="*", help="files or folders (folders are searched recursively)")
     p.add_argument("--out", required=True, help="corpus folder (created, or extended/resumed if it exists)")
@@ -32,25 +53,45 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack-folders", action="store_true",
                    help="treat a folder of same-sized 2D images as one volume (slices in natural order)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="voxel size (nm) for all SOURCES given on the command line")
-    p.add_argument("--key", help="HDF5 dataset / zarr array for all SOURCES")
-    p.add_argument("--scale-level", type=int, default=0, help="OME-Zarr multiscale level (default 0)")
-    p.add_argument("--patch-size", type=int, default=d.patch_size)
+                   help="voxel size (nm) for all SOURCES given on the command line (default: from the files)")
+    p.add_argument("--key", help="HDF5 dataset / zarr array for all SOURCES (default: the only or largest one)")
+    p.add_argument("--scale-level", type=int, default=0, help="OME-Zarr multiscale level")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side in pixels")
     p.add_argument("--max-anisotropy", type=float, default=d.max_anisotropy,
-                   help="cut xz/yz planes too when |sx - sz| / sx <= this (default %(default)s)")
-    p.add_argument("--axes", default=d.axes, help="'auto' (default) or a list such as 'xy' or 'xy,xz,yz'")
-    p.add_argument("--slice-stride", type=int, default=d.slice_stride)
-    p.add_argument("--uint8", dest="uint8_rule", default=d.uint8_rule, choices=["auto", "dtype", "percentile", "minmax"])
-    p.add_argument("--percentiles", type=float, nargs=2, default=d.percentiles, metavar=("LOW", "HIGH"))
-    p.add_argument("--dedup-distance", type=int, default=d.dedup_distance)
-    p.add_argument("--dedup-scope", default=d.dedup_scope, choices=["dataset", "global", "none"])
-    p.add_argument("--seed", type=int, default=d.seed)
+                   help="cut xz/yz planes too when |sx - sz| / sx <= this")
+    p.add_argument("--axes", default=d.axes, help="planes to cut: 'auto' (by --max-anisotropy) or a list such as 'xy,xz,yz'")
+    p.add_argument("--slice-stride", type=int, default=d.slice_stride, help="cut every Nth slice of each plane")
+    p.add_argument("--uint8", dest="uint8_rule", default=d.uint8_rule, choices=["auto", "dtype", "percentile", "minmax"],
+                   help="grey-level mapping to uint8 (see docs/readers.md)")
+    p.add_argument("--percentiles", type=float, nargs=2, default=d.percentiles, metavar=("LOW", "HIGH"),
+                   help="percentiles the 'percentile' rule stretches between")
+    p.add_argument("--dedup-distance", type=int, default=d.dedup_distance,
+                   help="dHash Hamming distance at or below which patches are near-duplicates")
+    p.add_argument("--dedup-scope", default=d.dedup_scope, choices=["dataset", "global", "none"],
+                   help="deduplicate within each dataset (CEM500K), across all sources, or not at all")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the dedup's random reference order")
     p.add_argument("--filter", default=d.filter,
-                   help="'stats' (default), 'none', 'logistic:FILE.json', 'cem500k:FILE.pth', or 'stats:key=value,...'")
-    p.add_argument("--workers", type=int, default=2, help="processes (default 2; 1 = in-process)")
-    p.add_argument("--scheduler", help="Dask scheduler address: run the units on that cluster (shared filesystem)")
-    p.add_argument("--memory-mb", type=int, default=d.memory_mb, help="bound on the data one unit holds")
-    p.add_argument("--no-progress", action="store_true")
+                   help="'stats', 'none', 'logistic:FILE.json', 'cem500k:FILE.pth', or 'stats:key=value,...'")
+    p.add_argument("--workers", type=int, default=2, help="processes (1 = in-process)")
+    p.add_argument("--scheduler", help="Dask scheduler address: run the units on that cluster (shared filesystem) "
+                   "(default: local processes)")
+    p.add_argument("--memory-mb", type=int, default=d.memory_mb, help="bound on the data one unit holds (MB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _tool_parser(tool: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"cemnet curate {tool}", description=TOOLS[tool], formatter_class=_HelpFormatter)
+    p.add_argument("corpus", help="corpus folder (written by cemnet curate)")
+    if tool == "export-tiff":
+        p.add_argument("out", help="folder to write the TIFFs to (created)")
+        p.add_argument("--status", default="kept", choices=["kept", "duplicate", "filtered", "all"],
+                       help="which patches to write")
+    elif tool == "train-filter":
+        p.add_argument("--labels", required=True, help="CSV: patch_id,informative (yes/no)")
+        p.add_argument("--out", required=True, help="filter file to write (JSON); use with --filter logistic:FILE")
+    elif tool == "verify":
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -78,15 +119,23 @@ def _specs(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def _tool(argv: list[str]) -> int:
-    tool, rest = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog=f"cemnet curate {tool}")
-    p.add_argument("corpus")
+    from curation.corpus import CorpusError, CorpusLockedError
+
+    tool = argv[0]
+    a = _tool_parser(tool).parse_args(argv[1:])
+    if tool == "verify":
+        return verify(a.corpus, progress=not a.no_progress)
+    try:
+        return _run_tool(tool, a)
+    except (CorpusError, CorpusLockedError, FileNotFoundError, ValueError) as err:  # one line, no traceback
+        print(f"cemnet curate {tool}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_tool(tool: str, a: argparse.Namespace) -> int:
     if tool == "export-tiff":
         from curation.corpus import Corpus, export_tiff_folder
 
-        p.add_argument("out")
-        p.add_argument("--status", default="kept", help="kept (default), duplicate, filtered or all")
-        a = p.parse_args(rest)
         n = export_tiff_folder(Corpus(a.corpus, status=None if a.status == "all" else a.status), a.out)
         print(f"wrote {n} patches to {a.out}")
     elif tool == "train-filter":
@@ -97,9 +146,6 @@ def _tool(argv: list[str]) -> int:
         from curation.corpus import Corpus
         from curation.filters import read_label_csv, train_logistic_filter
 
-        p.add_argument("--labels", required=True, help="CSV: patch_id,informative (yes/no)")
-        p.add_argument("--out", required=True, help="filter file to write (JSON); use with --filter logistic:FILE")
-        a = p.parse_args(rest)
         labels = read_label_csv(a.labels)
         corpus = Corpus(a.corpus, status=None)
         ids = np.array(sorted(labels), dtype=np.int64)
@@ -113,20 +159,11 @@ def _tool(argv: list[str]) -> int:
         flt.save(a.out)
         print(json.dumps(metrics, indent=1))
         print(f"wrote {a.out}; use: cemnet curate ... --filter logistic:{a.out}")
-    elif tool == "verify":
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        a = p.parse_args(rest)
-        return verify(a.corpus, progress=not a.no_progress)
     else:
-        from curation.corpus import CorpusIndex, CorpusLockedError
+        from curation.corpus import CorpusIndex
         from curation.report import write_report
 
-        a = p.parse_args(rest)
-        try:
-            index = CorpusIndex(a.corpus)
-        except (FileNotFoundError, CorpusLockedError) as err:
-            print(f"cemnet curate {tool}: {err}", file=sys.stderr)
-            return 2
+        index = CorpusIndex(a.corpus)
         try:
             write_report(index)
         finally:
@@ -190,4 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cemnet curate: {err}", file=sys.stderr)  # a second writer, an --out that is a file, a full disk
         return 2
     print(f"corpus: {Path(args.out).resolve()}")
-    return 0
+    return 0 if _any_source_cut(args.out, specs) else 1
+
+
+def _any_source_cut(corpus: str, specs: list) -> bool:
+    """Whether at least one of this run's sources is in the corpus (done, or partly cut); if
+    none is, say so: a run whose every input failed must not look like a success."""
+    from curation.corpus import read_only_index
+
+    paths = {str(spec.path) for spec in specs}
+    with read_only_index(corpus) as db:
+        rows = db.execute("SELECT path FROM sources WHERE status IN ('done', 'partial')").fetchall()
+    cut = any(path in paths for path, in rows)
+    if not cut:
+        print(f"cemnet curate: none of the {len(paths)} source(s) could be cut (see the messages above and "
+              f"{Path(corpus) / 'report' / 'report.html'}); nothing was added to {corpus}", file=sys.stderr)
+    return bool(cut)

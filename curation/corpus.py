@@ -203,6 +203,16 @@ class CorpusError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+def damaged_index(root: Path, err: BaseException) -> CorpusError:
+    return CorpusError(Path(root) / "index.sqlite", f"the corpus index is damaged ({err}); restore it from a "
+                       "backup, or build the corpus again into a new folder (the shards cannot be used without it)")
+
+
+def damaged_shard(root: Path, shard: str, problem: str) -> CorpusError:
+    return CorpusError(Path(root) / shard, f"{problem}; run `cemnet curate verify {root}` to list every damaged "
+                       "shard, then the `cemnet curate` command that built the corpus to cut them again")
+
+
 LOCK_FILE = ".lock"
 
 
@@ -320,7 +330,12 @@ class CorpusIndex:
         # Autocommit mode: transactions are ours (see write / flush), not the sqlite3 module's.
         self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
         self._last_commit = time.monotonic()
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            self.db = None
+            raise damaged_index(self.root, err) from None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(sources)")}
         for added in ("fingerprint", "cut_settings"):  # a corpus written before these columns existed
             if added not in columns:
@@ -584,9 +599,12 @@ class Corpus:
             raise FileNotFoundError(f"{self.root}: no corpus.json (not a cemnet corpus)")
         self.meta = json.loads(meta_path.read_text())
         self.patch_size = int(self.meta["settings"]["patch_size"])
-        cols = index_columns(self.root, status)
-        with read_only_index(self.root) as db:
-            self._source_rows = db.execute("SELECT name, reader FROM sources ORDER BY id").fetchall()
+        try:
+            cols = index_columns(self.root, status)
+            with read_only_index(self.root) as db:
+                self._source_rows = db.execute("SELECT name, reader FROM sources ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as err:
+            raise damaged_index(self.root, err) from None
         self.ids = cols["id"].astype(np.int64)
         self.shards: list[str] = sorted(set(cols["shard"].tolist()))
         shard_pos = {s: i for i, s in enumerate(self.shards)}
@@ -603,6 +621,8 @@ class Corpus:
         self.mean = float(stats.get("mean", 0.5))
         self.std = float(stats.get("std", 0.25))
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # most recently used last
+        self._rows_needed = np.zeros(len(self.shards), dtype=np.int64)  # per shard: 1 + its largest offset
+        np.maximum.at(self._rows_needed, self.shard_index, self.offsets + 1)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -630,12 +650,27 @@ class Corpus:
     def _shard(self, i: int) -> np.ndarray:
         arr = self._maps.get(i)
         if arr is None:
-            arr = np.load(self.root / self.shards[i], mmap_mode="r")
+            arr = self._open_shard(i)
             self._maps[i] = arr
             while len(self._maps) > self.max_open_shards:
                 self._maps.popitem(last=False)  # the least recently used map is unmapped
         else:
             self._maps.move_to_end(i)
+        return arr
+
+    def _open_shard(self, i: int) -> np.ndarray:
+        """Memory-map shard ``i``, or raise :class:`CorpusError` naming it (missing, truncated,
+        or not the shape the index says: a bad copy, a full disk, a tampered file)."""
+        try:
+            arr = np.load(self.root / self.shards[i], mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise damaged_shard(self.root, self.shards[i], "shard missing") from None
+        except (OSError, ValueError, EOFError) as err:  # e.g. "mmap length is greater than file size"
+            raise damaged_shard(self.root, self.shards[i], f"shard unreadable, truncated? ({err})") from None
+        p = self.patch_size
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[1:] != (p, p) or len(arr) < self._rows_needed[i]:
+            raise damaged_shard(self.root, self.shards[i], f"shard holds {arr.dtype} {arr.shape}, the index needs "
+                                f"uint8 ({self._rows_needed[i]}+, {p}, {p})")
         return arr
 
     def __getitem__(self, i: int) -> np.ndarray:

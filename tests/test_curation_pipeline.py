@@ -122,6 +122,71 @@ def test_bad_inputs_are_skipped_with_clear_reasons(tmp_path, shared_data):
     assert "one_pixel.png" in (out / "report/report.html").read_text()
 
 
+def test_a_run_where_no_source_could_be_cut_exits_non_zero(tmp_path, shared_data, capsys):
+    from curation.cli import main as curate_cli
+
+    bad, good = _bad_inputs(tmp_path, shared_data)
+    assert curate_cli([str(bad), "--out", str(tmp_path / "c"), "--workers", "1", "--no-progress"]) == 1
+    assert "source(s) could be cut" in capsys.readouterr().err.splitlines()[-1]
+    assert curate_cli([str(bad), str(good), "--out", str(tmp_path / "c"), "--workers", "1", "--no-progress"]) == 0
+
+
+def test_damaged_index_or_shards_give_one_line_naming_the_file(small_corpus, shared_data, tmp_path, capsys):
+    """A corrupt index.sqlite, a truncated shard, a shard of the wrong shape, an offset past the
+    end of its shard: curate, the Corpus reader (pretraining), export-tiff and train-filter each
+    say which file is bad and what to do, in one line."""
+    from curation.cli import main as curate_cli
+    from curation.corpus import CorpusError
+
+    def damaged(name):
+        copy = tmp_path / name
+        shutil.copytree(small_corpus, copy)
+        (copy / "index_cache.npz").unlink()
+        return copy
+
+    def one_line_error(argv, expected):
+        assert curate_cli(argv) == 2
+        err = capsys.readouterr().err.strip()  # progress bars, then the message
+        assert "Traceback" not in err and expected in err.splitlines()[-1], err
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patch_id,informative\n" + "".join(
+        f"{i},{'yes' if k % 2 else 'no'}\n" for k, i in enumerate(Corpus(small_corpus).ids[:20].tolist())))
+
+    index_broken = damaged("index")
+    with open(index_broken / "index.sqlite", "r+b") as fh:
+        fh.write(b"not a database at all" * 10)
+    with pytest.raises(CorpusError, match="index.sqlite: the corpus index is damaged"):
+        Corpus(index_broken)
+    image = str(shared_data / "isbi2012/train/images/0.png")
+    for argv in (["export-tiff", str(index_broken), str(tmp_path / "t")],
+                 [image, "--out", str(index_broken), "--workers", "1", "--no-progress"]):
+        one_line_error(argv, f"{index_broken / 'index.sqlite'}: the corpus index is damaged")
+
+    truncated = damaged("truncated")
+    shard = Corpus(truncated).shards[Corpus(truncated).shard_index[0]]  # holds the first labelled patch
+    data = (truncated / shard).read_bytes()
+    (truncated / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusError, match="truncated"):
+        Corpus(truncated).get_padded(np.arange(len(Corpus(truncated))))
+    for argv in (["export-tiff", str(truncated), str(tmp_path / "t")],
+                 ["train-filter", str(truncated), "--labels", str(labels), "--out", str(tmp_path / "f.json")]):
+        one_line_error(argv, f"{truncated / shard}: shard unreadable, truncated?")
+
+    reshaped = damaged("shape")
+    shard = Corpus(reshaped).shards[0]
+    np.save(reshaped / shard, np.load(reshaped / shard)[:, :112, :112])
+    one_line_error(["export-tiff", str(reshaped), str(tmp_path / "t")], f"{reshaped / shard}: shard holds uint8")
+
+    offset = damaged("offset")
+    shard = Corpus(offset).shards[0]
+    db = sqlite3.connect(offset / "index.sqlite")
+    db.execute("UPDATE patches SET offset = offset + 1000 WHERE shard = ? AND status = 'kept'", (shard,))
+    db.commit()
+    db.close()
+    one_line_error(["export-tiff", str(offset), str(tmp_path / "t")], "the index needs uint8 (")
+
+
 def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared_data, monkeypatch):
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     settings = CurateSettings(patches_per_unit=64, filter="none")
@@ -828,6 +893,26 @@ def test_cli_curate_manifest_and_tools(tmp_path, shared_data, capsys):
     image = str(shared_data / "isbi2012" / "train" / "images" / "0.png")
     assert main(["curate", image, "--out", str(manifest), "--no-progress"]) == 2  # --out is a file
     assert capsys.readouterr().err.strip() == f"cemnet curate: {manifest}: exists and is not a folder; a corpus is a folder"
+
+
+def test_curate_help_shows_every_option_with_its_default_and_a_line_of_help(capsys):
+    from curation import cli
+
+    texts = {}
+    for argv, parser in [([], cli._build_parser()), *(([t], cli._tool_parser(t)) for t in cli.TOOLS)]:
+        with pytest.raises(SystemExit) as done:
+            cli.main([*argv, "--help"])
+        assert done.value.code == 0
+        text = texts[tuple(argv)] = " ".join(capsys.readouterr().out.split())  # unwrapped
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{argv}: {action.dest} has no help"
+            shown = " ".join(parser._get_formatter()._expand_help(action).split())
+            assert shown in text, shown
+            if action.option_strings and not action.required:
+                assert "(default" in shown, f"{argv}: {action.option_strings[0]} shows no default"
+    assert all(f"{tool} {what}" in texts[()] for tool, what in cli.TOOLS.items())  # the tools, listed
 
 
 def test_train_filter_from_user_labels_then_refilter(tmp_path, shared_data):
