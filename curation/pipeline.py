@@ -304,6 +304,27 @@ def _reserve(path: Path, nbytes: int) -> None:
                       f"needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free") from err
 
 
+_janitor_fds: set[int] = set()  # write ends of janitor pipes: forked workers must not keep them
+
+
+def _drop_janitor_pipes() -> None:
+    """In a forked child: let go of the janitors' pipes (else a janitor would wait for the
+    workers too); /dev/null over the descriptor, as for the corpus lock."""
+    if not _janitor_fds:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in _janitor_fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    _janitor_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_janitor_pipes)
+
+
 class StagingArea:
     """Where a volume's uint8 copies live while its xz / yz planes are cut: the volume as read,
     (z, y, x), for the xz planes, and an x-first copy, (x, z, y), for the yz planes.
@@ -325,6 +346,8 @@ class StagingArea:
         self._ram_bytes: dict[str, int] = {}
         tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
         self._ram_prefix = f"cemnet-{os.getuid() if hasattr(os, 'getuid') else 0}-{tag}-"
+        self._janitor: tuple[int, int] | None = None  # (pid, write end of its pipe)
+        self._told = False
 
     def _paths(self, source: str, layout: str = "zyx") -> tuple[Path, Path]:
         name = f"{source}.u8.npy" if layout == "zyx" else f"{source}.{layout}.u8.npy"
@@ -349,6 +372,11 @@ class StagingArea:
             old.unlink(missing_ok=True)
         nbytes = int(np.prod(shape))
         path = ram if self.use_ram and nbytes <= self._ram_to_spare() else disk
+        if not self._told:  # where the scratch lives, should nothing be able to remove it
+            self._told = True
+            tqdm.write(f"staging volumes in {path.parent} ({self._ram_prefix if path == ram else ''}*.u8.npy): removed "
+                       "as each source ends; if the run is killed, by a clean-up process or the next run on the "
+                       "corpus, else remove them by hand", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = tuple(shape["zyx".index(a)] for a in layout)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
@@ -359,12 +387,56 @@ class StagingArea:
             self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
         return str(path)
 
+    def start_janitor(self) -> None:
+        """Fork a small process that removes this corpus's staging files if this run dies
+        without doing so itself (SIGKILL, OOM killer). It waits on a pipe whose only writer is
+        this process: the pipe closes when this process ends, however it ends, or when
+        :meth:`close` is called. It then removes what is left, but only after taking the corpus
+        lock (never while a new run on the corpus uses it), and exits. It runs in its own
+        session so that Ctrl-C or a closed terminal does not stop it first."""
+        if self._janitor is not None or not hasattr(os, "fork"):
+            return
+        import fcntl
+
+        lock_path = str(self.root / ".lock")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the janitor: no imports, no output (another thread may hold their locks)
+            try:
+                os.close(write_end)
+                os.setsid()
+                os.read(read_end, 1)  # returns when every writer is gone
+                stale = self._leftovers()
+                if stale:
+                    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a new run holds the corpus
+                    for path in stale:
+                        path.unlink(missing_ok=True)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        _janitor_fds.add(write_end)
+        self._janitor = (pid, write_end)
+
+    def close(self) -> None:
+        """Remove every staging file of this run and send its janitor away."""
+        self.release_all()
+        if self._janitor is not None:
+            pid, write_end = self._janitor
+            _janitor_fds.discard(write_end)
+            os.close(write_end)
+            os.waitpid(pid, 0)  # it finds nothing left and exits at once
+            self._janitor = None
+
+    def _leftovers(self) -> list[Path]:
+        stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if Path("/dev/shm").is_dir() else []
+        return stale + sorted((self.root / "work").glob("*.u8.npy"))
+
     def discard_leftovers(self) -> list[Path]:
         """Remove staging files that a killed run (SIGKILL, OOM, power loss) left for this corpus,
         in RAM and in ``CORPUS/work``. Only call it while holding the corpus lock (as
         :func:`extract` does): then no other run can be using them. Returns what was removed."""
-        stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if Path("/dev/shm").is_dir() else []
-        stale += sorted((self.root / "work").glob("*.u8.npy"))
+        stale = self._leftovers()
         live = {p for paths in self.live.values() for p in paths}
         for path in stale:
             if path not in live:
@@ -580,6 +652,7 @@ def extract(
     staging_area = StagingArea(index.root, use_ram=executor.kind != "dask")
     for path in staging_area.discard_leftovers():  # safe: the index holds the corpus lock
         tqdm.write(f"removed {path}, staging left by an earlier run that was killed", file=sys.stderr)
+    staging_area.start_janitor()  # before the pool forks its workers: they must not hold its pipe
     bar = tqdm(total=0, desc="extract", unit="unit", disable=not progress, dynamic_ncols=True)
     bar.total = len(inspect_backlog)
     waiting_planes: dict[str, tuple[list[Unit], set[str]]] = {}  # source -> (plane units, open xy keys)
@@ -751,7 +824,7 @@ def extract(
         print("\ninterrupted: finished units are saved; run the same command again to resume", file=sys.stderr)
         raise
     finally:
-        staging_area.release_all()
+        staging_area.close()
     bar.close()
 
 
@@ -918,6 +991,7 @@ def curate(
     """
     settings = settings or CurateSettings()
     index = CorpusIndex(out, settings.to_json())  # holds the corpus lock until closed
+    restore = _interrupt_on_termination()
     try:
         for path, problem in skipped:
             index.add_skipped(str(path), problem)
@@ -941,4 +1015,27 @@ def curate(
             write_report(index)
     finally:
         index.close()  # also when interrupted: a notebook can run curate again at once
+        restore()
     return Path(out)
+
+
+def _interrupt_on_termination() -> Callable[[], None]:
+    """Make SIGTERM and SIGHUP (a job scheduler's stop, a closed terminal) end the run like
+    Ctrl-C: finished work committed, staging removed. Returns what restores the old handlers.
+    Only the main thread can set handlers; elsewhere this does nothing."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, interrupt) for s in wanted}
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -729,6 +729,49 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, t
             path.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_or_terminated_run_leaves_no_staging_behind(shared_data, tmp_path, how):
+    """SIGTERM (a job scheduler's stop) ends the run like Ctrl-C: committed, staging removed,
+    exit 130. After SIGKILL the run's clean-up process removes the staging (hundreds of MB of
+    RAM for a real volume) without waiting for the next run on the corpus."""
+    import signal
+    import subprocess
+    import sys
+
+    from curation.pipeline import StagingArea
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm: staging goes to CORPUS/work, removed by the next run")
+    out = tmp_path / "c"
+    ram_files = f"{StagingArea(out)._ram_prefix}*.u8.npy"
+    script = ("import sys, time\nfrom curation import pipeline\nfrom curation.cli import main\n"
+              "real = pipeline.run_unit\n"
+              "def slow(unit):\n    time.sleep(0.5)\n    return real(unit)\n"
+              "pipeline.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(shared_data / NEUROPROOF), "--stack-folders",
+                            "--voxel-size", "10", "10", "10", "--out", str(out), "--no-progress", "--workers", "2"],
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.poll() is None and not list(Path("/dev/shm").glob(ram_files)):
+        time.sleep(0.05)
+    staged = list(Path("/dev/shm").glob(ram_files))
+    try:
+        assert run.poll() is None and staged, "the run ended before staging its volume"
+        run.send_signal(getattr(signal, how))
+        err = run.communicate(timeout=60)[1]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(p.exists() for p in staged):
+            time.sleep(0.05)
+        assert not any(p.exists() for p in staged)
+        assert f"staging volumes in /dev/shm ({StagingArea(out)._ram_prefix}*.u8.npy)" in err  # where it lives
+        if how == "SIGTERM":
+            assert run.returncode == 130 and "run the same command again to resume" in err
+    finally:
+        run.kill()
+        for path in staged:
+            path.unlink(missing_ok=True)
+
+
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
     from curation.pipeline import StagingArea
 
