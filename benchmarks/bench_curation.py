@@ -198,6 +198,7 @@ def bench_extract(shape, workers: int, reference: bool = True, workdir: str | No
         ours = n / total
         print(f"cemnet curate: {n} patches in {total:.1f} s = {ours:.0f} patches/s end to end, {n_ex} exemplars "
               f"(extract {stages['extract']:.1f} s, dedup {stages['dedup']:.1f} s, filter {stages['filter']:.1f} s)")
+        bench_verify(out)
         if not reference:
             return
         print("CEM500K reference scripts on the same file (cross_section3d.py -> crop_patches.py -> deduplicate.py):")
@@ -213,6 +214,29 @@ def bench_extract(shape, workers: int, reference: bool = True, workdir: str | No
             sys.stdout.flush()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_verify(out: Path) -> None:
+    """What shard checksums cost: computing them (in the workers, as shards are written) and
+    checking the whole corpus (`cemnet curate verify`, and the first step of every re-run)."""
+    from curation.corpus import shard_checksum, verify_shards
+
+    shards = sorted(out.glob("shards/*/*.npy"))
+    nbytes = sum(p.stat().st_size for p in shards)
+    arrays = [np.load(p) for p in shards]  # in memory: the checksum alone, no I/O
+    t0 = time.perf_counter()
+    for a in arrays:
+        shard_checksum(a)
+    checksum = time.perf_counter() - t0
+    del arrays
+    _settle()
+    t0 = time.perf_counter()
+    problems, counts = verify_shards(out, progress=False)
+    verify = time.perf_counter() - t0
+    assert not problems, problems
+    print(f"shard checksums: {len(shards)} shards, {nbytes / 1e9:.2f} GB: computing them {checksum:.2f} s "
+          f"({nbytes / checksum / 1e9:.1f} GB/s, one thread); verify (page cache warm) {verify:.2f} s "
+          f"= {counts['patches'] / verify:.0f} patches/s, {nbytes / verify / 1e9:.1f} GB/s")
 
 
 def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> None:
