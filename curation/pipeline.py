@@ -404,13 +404,24 @@ class StagingArea:
         if pid == 0:  # the janitor: no imports, no output (another thread may hold their locks)
             try:
                 os.close(write_end)
+                quiet = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # hold no pipe of the caller's (`cemnet curate ... | tee log` ends with us)
+                    os.dup2(quiet, fd)
                 os.setsid()
                 os.read(read_end, 1)  # returns when every writer is gone
-                stale = self._leftovers()
-                if stale:
+                if self._leftovers():
                     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a new run holds the corpus
-                    for path in stale:
+                    # The dead run's lock may be released a moment after its pipe closes; a new
+                    # run that holds it longer removes the files itself, so give up after a while.
+                    for _ in range(100):
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except OSError:
+                            time.sleep(0.05)
+                    else:
+                        os._exit(0)
+                    for path in self._leftovers():  # listed again under the lock
                         path.unlink(missing_ok=True)
             finally:
                 os._exit(0)
