@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, path TEXT NOT NULL, dataset TEXT, reader TEXT,
     shape_zyx TEXT, dtype TEXT, voxel_size_zyx TEXT, voxel_size_from TEXT, axes TEXT,
     uint8_rule TEXT, status TEXT NOT NULL DEFAULT 'pending', error TEXT,
-    n_patches INTEGER DEFAULT 0, seconds REAL DEFAULT 0, notes TEXT, fingerprint TEXT, cut_settings TEXT
+    n_patches INTEGER DEFAULT 0, seconds REAL DEFAULT 0, notes TEXT, fingerprint TEXT, cut_settings TEXT,
+    missing_chunks TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
     source TEXT NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, n_patches INTEGER,
@@ -337,7 +338,7 @@ class CorpusIndex:
             self.db = None
             raise damaged_index(self.root, err) from None
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(sources)")}
-        for added in ("fingerprint", "cut_settings"):  # a corpus written before these columns existed
+        for added in ("fingerprint", "cut_settings", "missing_chunks"):  # a corpus written before these columns existed
             if added not in columns:
                 self.db.execute(f"ALTER TABLE sources ADD COLUMN {added} TEXT")
         if "checksum" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # torch is imported lazily: only the logistic fit and the CEM
 
 __all__ = [
     "FEATURE_NAMES",
+    "MISSING_CHUNKS_REASON",
     "Cem500kClassifierFilter",
     "FilterResult",
     "LogisticFilter",
@@ -45,6 +46,11 @@ __all__ = [
     "read_label_csv",
     "train_logistic_filter",
 ]
+
+
+# Not a filter's verdict: the reason given to patches made mostly of the fill value of chunks
+# absent from a zarr store (curation.missing_chunks), which are not data whatever they look like.
+MISSING_CHUNKS_REASON = "missing-chunks"
 
 
 # --------------------------------------------------------------------------------------------

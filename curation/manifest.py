@@ -20,7 +20,12 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 AXIS_LETTERS = "tczyxs"  # time, channel, z, y, x, colour samples (RGB(A) -> grey)
-_SPEC_FIELDS = ("name", "path", "voxel_size", "axes", "key", "scale_level", "channel", "stack", "dataset")
+_SPEC_FIELDS = ("name", "path", "voxel_size", "axes", "key", "scale_level", "channel", "stack", "dataset",
+                "roi", "roi_unit", "max_patches", "sample_fraction", "missing_chunks")
+_ALIASES = {"scale": "scale_level"}  # manifest spellings accepted for a field
+ROI_UNITS = ("voxel", "nm")
+MISSING_CHUNKS = ("fill", "error")
+_URL = re.compile(r"^(https?|s3a?|gs|gcs|precomputed)://", re.IGNORECASE)
 _TRUE, _FALSE = {"true", "yes", "y", "1", "on"}, {"false", "no", "n", "0", "off", ""}
 # Suffixes stripped as a whole when deriving a name ("a.ome.zarr" -> "a", "b.nii.gz" -> "b").
 _COMPOUND = re.compile(r"(\.ome)?(\.[A-Za-z0-9]{1,5})?(\.(gz|bz2))?$")
@@ -35,6 +40,20 @@ class ReaderError(Exception):
 
     def __reduce__(self):  # picklable across worker processes despite the 2-argument __init__
         return (type(self), (self.path, self.problem))
+
+
+def is_url(path: Any) -> bool:
+    """True for a source given as a URL (``http(s)://``, ``s3://``, ``gs://``, ``precomputed://``):
+    never a path, so never resolved, normalised or stat-ed as one."""
+    return isinstance(path, str) and bool(_URL.match(path.strip()))
+
+
+def url_parts(url: str) -> tuple[str, ...]:
+    """Host and path components of a URL (the ``parts`` of a path, for naming)."""
+    import urllib.parse
+
+    split = urllib.parse.urlsplit(url.split("://", 1)[1] if url.lower().startswith("precomputed://") else url)
+    return (split.netloc, *[p for p in split.path.split("/") if p])
 
 
 def _as_int(value: Any, what: str, minimum: int = 0) -> int:
@@ -108,6 +127,15 @@ class SourceSpec:
     # Near-duplicates are removed within a dataset (CEM500K): default the source itself; sources
     # found under one folder argument / manifest folder entry share that folder's dataset.
     dataset: str | None = None
+    # A region of interest [z0, z1, y0, y1, x0, x1] (half-open) in ``roi_unit`` ("voxel" or "nm",
+    # nm taken at the chosen level's voxel size): only this box of the volume is read.
+    roi: tuple[float, float, float, float, float, float] | None = None
+    roi_unit: str = "voxel"
+    # A sampling budget: whole chunk-aligned blocks drawn (seeded) until about ``max_patches``
+    # patches, or ``sample_fraction`` of the blocks (see curation.remote_sampling).
+    max_patches: int | None = None
+    sample_fraction: float | None = None
+    missing_chunks: str = "fill"  # zarr chunks absent from the store: "fill" (reported) or "error"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path).strip():
@@ -127,11 +155,34 @@ class SourceSpec:
         self.channel = None if self.channel in (None, "") else _as_int(self.channel, "channel")
         self.stack = _as_bool(self.stack, "stack")
         self.dataset = None if self.dataset in (None, "") else safe_name(str(self.dataset))
+        self.roi = _parse_roi(self.roi)
+        self.roi_unit = str(self.roi_unit or "voxel").strip().lower()
+        if self.roi_unit in ("voxels", "px", "vx"):
+            self.roi_unit = "voxel"
+        if self.roi_unit not in ROI_UNITS:
+            raise ValueError(f"roi_unit must be one of {', '.join(ROI_UNITS)}, got {self.roi_unit!r}")
+        self.max_patches = None if self.max_patches in (None, "") else _as_int(self.max_patches, "max_patches", 1)
+        if self.sample_fraction not in (None, ""):
+            try:
+                fraction = float(self.sample_fraction)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                fraction = float("nan")
+            if not 0 < fraction <= 1:
+                raise ValueError(f"sample_fraction must be a number in (0, 1], got {self.sample_fraction!r}")
+            self.sample_fraction = fraction
+        else:
+            self.sample_fraction = None
+        if self.max_patches is not None and self.sample_fraction is not None:
+            raise ValueError("give max_patches or sample_fraction, not both")
+        self.missing_chunks = str(self.missing_chunks or "fill").strip().lower()
+        if self.missing_chunks not in MISSING_CHUNKS:
+            raise ValueError(f"missing_chunks must be one of {', '.join(MISSING_CHUNKS)}, got {self.missing_chunks!r}")
 
     def to_json(self) -> dict:
         """Plain JSON-able dict (voxel_size as a list); inverse of :meth:`from_json`."""
         d = dataclasses.asdict(self)
         d["voxel_size"] = list(self.voxel_size) if self.voxel_size else None
+        d["roi"] = list(self.roi) if self.roi else None
         return d
 
     @classmethod
@@ -139,12 +190,29 @@ class SourceSpec:
         """Build from a dict with the field names above; unknown keys are an error (typos)."""
         if not isinstance(d, dict):
             raise ValueError(f"a source must be a mapping or a path string, got {type(d).__name__}")
+        d = {_ALIASES.get(k, k): v for k, v in d.items()}
         unknown = sorted(set(d) - set(_SPEC_FIELDS))
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; allowed: {', '.join(_SPEC_FIELDS)}")
         if "path" not in d:
             raise ValueError("missing 'path'")
         return cls(**{k: v for k, v in d.items()})
+
+
+def _parse_roi(value: Any) -> tuple[float, ...] | None:
+    """``[z0, z1, y0, y1, x0, x1]`` (list or "z0,z1,...") -> tuple of 6 numbers with z0 < z1 etc."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = [p for p in re.split(r"[,;\s]+", value.strip().strip("[]()")) if p] if isinstance(value, str) else value
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 6 or not all(math.isfinite(n) and n >= 0 for n in numbers) or not all(
+        numbers[i] < numbers[i + 1] for i in (0, 2, 4)
+    ):
+        raise ValueError(f"roi must be [z0, z1, y0, y1, x0, x1] with 0 <= start < stop on each axis, got {value!r}")
+    return tuple(int(n) if n.is_integer() else n for n in numbers)  # type: ignore[return-value]
 
 
 def safe_name(text: str) -> str:
@@ -154,6 +222,9 @@ def safe_name(text: str) -> str:
 
 def default_name(path: str | os.PathLike) -> str:
     """Name derived from the file/folder name, without (compound) extension."""
+    if is_url(os.fspath(path)):
+        base = (url_parts(os.fspath(path)) or ("source",))[-1]
+        return safe_name(_COMPOUND.sub("", base) or base)
     base = os.path.basename(os.path.normpath(os.fspath(path)))
     stem = _COMPOUND.sub("", base) if not os.path.isdir(path) or base.lower().endswith(".zarr") else base
     return safe_name(stem or base)
@@ -171,7 +242,8 @@ def assign_names(specs: Iterable[SourceSpec]) -> list[SourceSpec]:
     if dupes:
         raise ValueError(f"duplicate source name(s) {dupes}")
     todo = [i for i, s in enumerate(specs) if not s.name]
-    parts = {i: Path(os.path.normpath(os.path.abspath(specs[i].path))).parts[:-1] for i in todo}
+    parts = {i: url_parts(specs[i].path)[:-1] if is_url(specs[i].path)
+             else Path(os.path.normpath(os.path.abspath(specs[i].path))).parts[:-1] for i in todo}
     depth = {i: 0 for i in todo}
     names = {i: default_name(specs[i].path) for i in todo}
     while True:
@@ -211,7 +283,7 @@ def _yaml_entries(text: str) -> tuple[list, list[int]]:
 def _csv_entries(text: str) -> tuple[list, list[int]]:
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in reader.fieldnames or []]
-    if "path" not in header or set(header) - set(_SPEC_FIELDS):
+    if "path" not in header or set(header) - set(_SPEC_FIELDS) - set(_ALIASES):
         raise ValueError(f"CSV header must name 'path' and only {', '.join(_SPEC_FIELDS)}; got {header}")
     entries, lines = [], []
     for row in reader:
@@ -240,6 +312,12 @@ def _expand_folder_entry(spec: SourceSpec, skipped: list | None) -> list[SourceS
     ]
 
 
+def _is_store(path: str) -> bool:
+    from curation.readers import is_store_dir  # the readers import this module
+
+    return path.lower().endswith(".zarr") or is_store_dir(path)
+
+
 def load_manifest(path: str | os.PathLike, skipped: list | None = None) -> list[SourceSpec]:
     """Read a YAML (list of mappings, or ``{sources: [...]}``) or CSV manifest.
 
@@ -265,10 +343,13 @@ def load_manifest(path: str | os.PathLike, skipped: list | None = None) -> list[
             spec = SourceSpec(entry) if isinstance(entry, str) else SourceSpec.from_json(entry)
         except (ValueError, TypeError) as e:
             raise ReaderError(path, f"entry {number} (line {line}): {e}") from e
+        if is_url(spec.path):  # a URL is taken as written
+            specs.append(spec)
+            continue
         full = os.path.expanduser(spec.path)
         full = os.path.normpath(full if os.path.isabs(full) else os.path.join(path.resolve().parent, full))
         spec = dataclasses.replace(spec, path=full)
-        if os.path.isdir(full) and not spec.stack and not full.lower().endswith(".zarr"):
+        if os.path.isdir(full) and not spec.stack and not _is_store(full):
             specs.extend(_expand_folder_entry(spec, skipped))
         else:
             specs.append(spec)

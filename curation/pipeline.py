@@ -47,7 +47,9 @@ from curation.corpus import (CorpusIndex, atomic_save_npy, hash_from_db, hash_to
 from curation.dedup import greedy_groups
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
-from curation.readers import source_fingerprint
+from curation.missing_chunks import label_missing_chunk_patches, record_missing_chunks
+from curation.readers import ReaderError, source_fingerprint
+from curation.remote_sampling import expand_sampled
 
 
 @dataclass
@@ -105,6 +107,7 @@ class UnitResult:
     rows: list[tuple] = field(default_factory=list)
     seconds: float = 0.0
     checksum: str | None = None  # of the shard's patches (see curation.corpus.shard_checksum)
+    missing: list[tuple[int, ...]] = field(default_factory=list)  # boxes read as fill value (absent chunks)
 
 
 _scratch_buffers = threading.local()
@@ -153,7 +156,9 @@ def run_unit(unit: Unit) -> UnitResult:
     if unit.kind == "band":  # rows start..stop of a large 2D image
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
             band = unit.converter(volume.read(slice(0, 1), slice(unit.start, unit.stop)))[0]
+            missing = volume.take_missing()
         result = _cut(unit, [(0, band)], "xy", y_offset=unit.start)
+        result.missing = missing
     elif unit.kind in ("xy", "stage"):
         with open_volume(SourceSpec.from_json(unit.spec)) as volume:
             if unit.staging or unit.staging_t:
@@ -170,9 +175,11 @@ def run_unit(unit: Unit) -> UnitResult:
                 planes = [(z, block[z - unit.start]) for z in wanted]
             else:
                 planes = [(z, unit.converter(volume.read(slice(z, z + 1)))[0]) for z in wanted]
+            missing = volume.take_missing()
         if unit.kind == "stage":
-            return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0)
+            return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0, missing)
         result = _cut(unit, planes, "xy")
+        result.missing = missing
     elif unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
         staged = np.load(unit.staging, mmap_mode="r")
         result = _cut(unit, [(i, staged[:, i, :]) for i in wanted], unit.kind, skip_rows=unit.bad_z)
@@ -221,6 +228,7 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
         # A 2D image too large for one unit's memory budget is cut in bands by several units.
         in_bands = image_2d and volume.partial_reads and ny * nx * max(np.dtype(volume.dtype).itemsize, 4) > \
             settings["memory_mb"] * 2**20
+        volume.tolerate_missing = True  # the uint8 fit may sample absent chunks; the cut decides
         if not image_2d:
             sample = sample_volume(volume)
         elif in_bands:
@@ -228,8 +236,10 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
             notes.append("large 2D image: cut in row bands in parallel; uint8 mapping fitted on a 16 x 16 "
                          "grid of 128 px windows")
         else:
+            volume.tolerate_missing = False  # this read is the cut itself
             image = volume.read()
             sample = image
+        volume.tolerate_missing = False
         converter = Uint8Converter.fit(sample, volume.dtype, settings["uint8_rule"], tuple(settings["percentiles"]))
         if converter.stats.get("note"):  # e.g. wide integers stretched instead of the dtype-range rule
             notes.append(converter.stats["note"])
@@ -244,7 +254,18 @@ def inspect_source(source: str, spec_json: dict[str, Any], root: str, settings: 
             unit = Unit(source, "xy-00000", "xy", spec_json, converter, 0, 1, volume.shape, root, settings)
             inspection.result = _cut(unit, [(0, converter(image)[0])], "xy")
             inspection.result.seconds = time.perf_counter() - t0
+            inspection.result.missing = volume.take_missing()
     return inspection
+
+
+def _chunk_aligned(step: int, chunk: int) -> int:
+    """A unit depth whose units never straddle a stored z-chunk (each chunk is fetched by one unit,
+    or split evenly between a few): a multiple of ``chunk``, or a divisor of it when smaller."""
+    if chunk <= 1 or step <= 0:
+        return step
+    if step >= chunk:
+        return step // chunk * chunk
+    return max(d for d in range(1, step + 1) if chunk % d == 0)
 
 
 def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: dict[str, Any]) -> dict[str, list[Unit]]:
@@ -270,6 +291,7 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
         by_memory = budget // max(1, h * w * (itemsize if axis == "xy" else 1))
         if axis == "xy":
             step = min(settings["patches_per_unit"] // per_plane * settings["slice_stride"], by_memory)
+            step = _chunk_aligned(step, int(insp.info.get("chunk_zyx", [1])[0]))
         else:
             # Planes are cut in place from the staged copies; a unit holds their patches, so
             # few thick units (bounded by memory, at least 4 per plane for parallelism).
@@ -498,6 +520,16 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _pool_context() -> Any:
+    """fork on Linux (cheap), but spawn once tensorstore (N5 / precomputed sources) is loaded in
+    this process: its threads make a forked child abort. (Not forkserver: its server keeps the
+    environment of its first start, and remote sources take their settings from the environment.)"""
+    import multiprocessing as mp
+
+    linux_fork = sys.platform.startswith("linux") and "tensorstore" not in sys.modules
+    return mp.get_context("fork" if linux_fork else "spawn")
+
+
 class Executor:
     """A process pool, a Dask cluster, or in-process execution, behind submit / wait_any."""
 
@@ -513,13 +545,10 @@ class Executor:
             self._client = Client(scheduler)
             self.max_in_flight = max(64, 4 * sum(self._client.nthreads().values()))
         elif workers > 1:
-            import multiprocessing as mp
-
-            self._context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context,
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context(),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
 
     def submit(self, fn: Callable, *args: Any) -> Any:
@@ -568,7 +597,7 @@ def _unique_name(index: CorpusIndex, wanted: str, path: str) -> str:
 # into units (a change re-cuts it only if unfinished: old and new units would overlap).
 PATCH_SETTINGS = ("patch_size", "max_anisotropy", "axes", "slice_stride", "uint8_rule", "percentiles")
 PLAN_SETTINGS = ("memory_mb", "patches_per_unit")
-READER_OPTIONS = ("voxel_size", "axes", "key", "scale_level", "channel", "stack")
+READER_OPTIONS = ("voxel_size", "axes", "key", "scale_level", "channel", "stack", "roi", "roi_unit")
 
 
 def _why_cut_again(row: dict | None, fingerprint: str, cut: dict[str, Any], spec_json: dict[str, Any]) -> str | None:
@@ -631,6 +660,7 @@ def extract(
     suspects: set[tuple[str, str]] = set()
     lost_units: dict[str, list[str]] = {}  # source -> units skipped for bad data in their range
     bad_z: dict[str, list[tuple[int, int]]] = {}  # source -> z-ranges missing from its staged copies
+    missing: dict[str, set[tuple[int, ...]]] = {}  # source -> boxes of absent chunks read as fill value
     cut = {k: cfg[k] for k in (*PATCH_SETTINGS, *PLAN_SETTINGS)}
     recut = drop_damaged_shards(index, {str(spec.path) for spec in specs}, progress)
     for spec in specs:
@@ -638,7 +668,12 @@ def extract(
         name = _unique_name(index, spec.name or Path(spec.path).stem, str(spec.path))
         spec_json["name"] = name
         row = index.source(name)
-        fingerprint = source_fingerprint(spec.path)
+        try:
+            fingerprint = source_fingerprint(spec.path)
+        except ReaderError as err:  # a URL that cannot be reached: skip it now, keep what it gave before
+            index.add_skipped(str(spec.path), err.problem)
+            tqdm.write(f"skipped {err}", file=sys.stderr)
+            continue
         why = _why_cut_again(row, fingerprint, cut, spec_json)
         if name in recut:
             changed[name] = recut[name]
@@ -648,6 +683,7 @@ def extract(
                 changed[name] = f"cut again, {why}: its {n} earlier patches were discarded"
                 tqdm.write(f"{spec.path}: {changed[name]}", file=sys.stderr)
             row = index.source(name)
+            index.upsert_source(name, missing_chunks=None)
         if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
             if row.get("fingerprint") is None or row.get("cut_settings") is None:  # older corpus: baseline now
                 index.upsert_source(name, fingerprint=fingerprint, cut_settings=cut)
@@ -656,6 +692,7 @@ def extract(
                             reader=spec_json, status="running", error=None, fingerprint=fingerprint,
                             cut_settings=cut)
         names[name] = spec_json
+        missing[name] = {tuple(b) for b in json.loads((row or {}).get("missing_chunks") or "[]")}
         index.clear_skipped(str(spec.path), parts=True)  # its bad ranges are tried again
         inspect_backlog.append(name)
         open_work[name] += 1
@@ -702,6 +739,8 @@ def extract(
         count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
         lost = lost_units.get(name, [])
         crossing = "; xz / yz patches crossing those z-ranges are left out" if bad_z.get(name) else ""
+        if missing.get(name):
+            record_missing_chunks(index, name, sorted(missing[name]))
         index.upsert_source(
             name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - t_source[name],
             error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
@@ -794,6 +833,7 @@ def extract(
                         notes=insp.notes + ([changed[name]] if name in changed else []),
                     )
                     if insp.result is not None:
+                        missing[name].update(insp.result.missing)
                         index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows,
                                           insp.result.seconds, insp.result.checksum)
                         n_patches += len(insp.result.rows)
@@ -821,6 +861,8 @@ def extract(
                         submit(todo_xy)
                 else:
                     unit: Unit = payload
+                    if result is not None:
+                        missing[name].update(result.missing)
                     if result is not None and unit.kind != "stage":
                         index.commit_task(name, result.key, result.shard, result.rows, result.seconds, result.checksum)
                         n_patches += len(result.rows)
@@ -952,6 +994,7 @@ def apply_filter(
         for pick in picks:
             record(pick, filter_batch(*job(pick)))
     bar.close()
+    label_missing_chunk_patches(index)  # fill value from absent chunks is not data: its own reason
     with index.write():  # final verdict of every patch from its group and its filter result
         index.db.execute(
             "UPDATE patches SET "
@@ -1001,6 +1044,7 @@ def curate(
         curation.corpus.CorpusLockedError: another run (or open ``CorpusIndex``) is writing ``out``.
     """
     settings = settings or CurateSettings()
+    specs = expand_sampled(specs, settings)  # sampling budgets -> chunk-aligned blocks, each a source
     index = CorpusIndex(out, settings.to_json())  # holds the corpus lock until closed
     restore = _interrupt_on_termination()
     try:

@@ -31,13 +31,14 @@ from curation.manifest import (
     assign_names,
     check_axes,
     default_name,
+    is_url,
     load_manifest,
     natural_sorted,
 )
 
 __all__ = [
     "ReaderError", "SourceSpec", "Volume", "open_volume", "discover", "describe", "load_manifest",
-    "reader_for", "IMAGE_EXTS", "VOXEL_NM_RANGE",
+    "reader_for", "IMAGE_EXTS", "VOXEL_NM_RANGE", "is_url",
 ]
 
 # A header voxel size outside this range (nm) is a placeholder or a wrong unit (NIfTI "1 mm",
@@ -90,8 +91,17 @@ class Volume(abc.ABC):
         self.name = spec.name or assign_names([spec])[0].name
         self.notes: list[str] = []  # non-fatal remarks for reports (ignored metadata etc.)
         self._closers: list[Any] = []
+        self._offset = (0, 0, 0)  # where the region of interest starts in the stored volume
+        # Boxes (z0, z1, y0, y1, x0, x1) of the ROI that reads found missing in the store (zarr
+        # chunks absent: read as the fill value); see take_missing().
+        self._missing: list[tuple[int, int, int, int, int, int]] = []
+        self._level_voxel_target = False  # True when spec.voxel_size picked a level (not an override)
+        # While True, missing chunks are only recorded even with ``missing_chunks: error`` (sampling
+        # for the uint8 fit reads regions the cut may never use).
+        self.tolerate_missing = False
         try:
             self._open()
+            self._apply_roi()
         except BaseException:
             self.close()  # a failed open must not leak file handles
             raise
@@ -123,12 +133,73 @@ class Volume(abc.ABC):
             if not all(math.isfinite(v) and lo <= v <= hi for v in vs):
                 self.notes.append(f"ignored implausible voxel size {vs} nm from the {what}")
                 from_file = None
-        if self.spec.voxel_size is not None:
+        if self.spec.voxel_size is not None and not self._level_voxel_target:
             self.voxel_size, self.voxel_size_from = self.spec.voxel_size, "manifest"
         elif from_file is not None:
             self.voxel_size, self.voxel_size_from = vs, "file"
         else:
             self.voxel_size, self.voxel_size_from = None, "none"
+
+    def _pick_level(self, level_nm: Sequence[Sequence[float] | None]) -> int:
+        """The scale level to open: ``scale_level``, or with a manifest ``voxel_size`` on a source
+        whose levels all carry voxel sizes, the level nearest to it (log scale, reported)."""
+        wanted, level = self.spec.voxel_size, self.spec.scale_level
+        if level >= len(level_nm):
+            raise self._fail(f"scale_level {level} out of range: levels 0..{len(level_nm) - 1}")
+        if wanted is None or level != 0 or len(level_nm) < 2 or any(v is None for v in level_nm):
+            return level
+        cost = [sum(math.log(a / b) ** 2 for a, b in zip(v, wanted)) for v in level_nm]  # type: ignore[arg-type]
+        level = int(np.argmin(cost))
+        self._level_voxel_target = True
+        listing = ", ".join(f"{k}: {'x'.join(f'{a:g}' for a in v)}" for k, v in enumerate(level_nm))  # type: ignore[union-attr]
+        self.notes.append(f"voxel_size {'x'.join(f'{a:g}' for a in wanted)} nm asked: scale level {level} "
+                          f"chosen, the nearest of ({listing}) nm")
+        return level
+
+    def _apply_roi(self) -> None:
+        """Narrow the volume to the manifest's region of interest (voxels or nm)."""
+        roi = self.spec.roi
+        if roi is None:
+            return
+        if self.spec.roi_unit == "nm":
+            if self.voxel_size is None:
+                raise self._fail("roi in nm needs a voxel size (none in the file): give voxel_size or roi in voxels")
+            box = [int(math.floor(roi[2 * i] / v)) for i, v in enumerate(self.voxel_size)]
+            ends = [int(math.ceil(roi[2 * i + 1] / v)) for i, v in enumerate(self.voxel_size)]
+        else:
+            box, ends = [int(roi[2 * i]) for i in range(3)], [int(math.ceil(roi[2 * i + 1])) for i in range(3)]
+        start = tuple(min(b, n) for b, n in zip(box, self.shape))
+        stop = tuple(min(e, n) for e, n in zip(ends, self.shape))
+        if any(a >= b for a, b in zip(start, stop)):
+            raise self._fail(f"roi {list(roi)} ({self.spec.roi_unit}) lies outside the volume of shape {self.shape}")
+        if stop != tuple(ends):
+            self.notes.append(f"roi clipped to the volume: stops {list(ends)} -> {list(stop)} (shape {self.shape})")
+        self._offset = start  # type: ignore[assignment]
+        self.shape = tuple(b - a for a, b in zip(start, stop))  # type: ignore[assignment]
+        self.chunk_zyx = tuple(min(c, n) for c, n in zip(self.chunk_zyx, self.shape))  # type: ignore[assignment]
+        self.notes.append(f"roi z {start[0]}-{stop[0]}, y {start[1]}-{stop[1]}, x {start[2]}-{stop[2]} (voxels)")
+
+    @property
+    def offset(self) -> tuple[int, int, int]:
+        """Where this volume's (0, 0, 0) lies in the stored volume (the ROI start)."""
+        return self._offset
+
+    def _note_missing(self, boxes: Sequence[Sequence[int]]) -> None:
+        """Record stored-volume boxes that a read found missing (clipped to the ROI)."""
+        for box in boxes:
+            rel = []
+            for i in range(3):
+                a = max(box[2 * i] - self._offset[i], 0)
+                b = min(box[2 * i + 1] - self._offset[i], self.shape[i])
+                rel += [a, b]
+            if all(rel[2 * i] < rel[2 * i + 1] for i in range(3)) and tuple(rel) not in self._missing:
+                self._missing.append(tuple(rel))  # type: ignore[arg-type]
+
+    def take_missing(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Boxes (z0, z1, y0, y1, x0, x1; ROI coordinates) missing from the store in the reads since
+        the last call; they were read as the fill value."""
+        boxes, self._missing = self._missing, []
+        return boxes
 
     def read(
         self, z: slice = slice(None), y: slice = slice(None), x: slice = slice(None)
@@ -145,12 +216,17 @@ class Volume(abc.ABC):
         out_shape = tuple(len(range(s.start, s.stop, s.step)) for s in norm)
         if 0 in out_shape:
             return np.empty(out_shape, self.dtype)
+        if any(self._offset):
+            norm = [slice(s.start + o, s.stop + o, s.step) for s, o in zip(norm, self._offset)]
         try:
             out = self._read(*norm)
         except ReaderError:
             raise
         except Exception as e:  # decoder errors (truncated chunk, corrupt page ...) name the file
-            problem = f"read failed, file truncated or corrupt? ({type(e).__name__}: {e})"
+            from curation.remote import RemoteReadError
+
+            cause = "a chunk stayed unreadable" if isinstance(e, RemoteReadError) else "file truncated or corrupt?"
+            problem = f"read failed, {cause} ({type(e).__name__}: {e})"
             raise self._fail(problem.replace("\n", " ")) from e
         out = np.ascontiguousarray(out, dtype=self.dtype)
         if out.shape != out_shape:
@@ -625,13 +701,16 @@ class _ZarrVolume(_ArrayVolume):
     def _open(self) -> None:
         import zarr
 
-        node = zarr.open(self.path, mode="r")
+        from curation.remote import open_zarr_store
+
+        self._store = open_zarr_store(self.path)
+        node = zarr.open(store=self._store, mode="r")
         key = (self.spec.key or "").strip("/")
         if key and isinstance(node, zarr.Group):
-            members = dict(node.members(max_depth=None))
-            if isinstance(members.get(key), zarr.Group):
-                node = members[key]  # e.g. one OME image inside a bigger store
-            else:
+            try:  # by name first: listing members needs a store that can list (not plain HTTP)
+                node = node[key]
+            except KeyError:
+                members = dict(node.members(max_depth=None))
                 node = members[_pick_array(self, key, _zarr_arrays(members), "array")]
         attrs = dict(node.attrs) if isinstance(node, zarr.Group) else {}
         multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
@@ -644,30 +723,70 @@ class _ZarrVolume(_ArrayVolume):
         if isinstance(node, zarr.Group):
             members = dict(node.members(max_depth=None))
             node = members[_pick_array(self, None, _zarr_arrays(members), "array")]
-        self._setup_array(node, None, chunks=_zarr_chunks(node))
+        self._set_array(node, None)
         self._set_voxel_size(None)
 
+    def _set_array(self, arr: Any, axes: str | None) -> None:
+        self._zarr_array = arr
+        self._setup_array(arr, axes, chunks=_zarr_chunks(arr))
+
     def _open_ome(self, group: Any, ms: dict) -> None:
-        datasets, level = ms["datasets"], self.spec.scale_level
-        if level >= len(datasets):
-            raise self._fail(f"scale_level {level} out of range: levels 0..{len(datasets) - 1}")
-        arr = group[datasets[level]["path"]]
+        datasets = ms["datasets"]
         named = [a if isinstance(a, str) else a.get("name", "") for a in ms.get("axes", [])]
         axes = "".join(n.lower() for n in named) if named and all(len(n) == 1 for n in named) else None
-        self._setup_array(arr, axes if axes and len(axes) == arr.ndim else None, chunks=_zarr_chunks(arr))
-        scale = np.ones(arr.ndim)
-        transforms = datasets[level].get("coordinateTransformations", [])
-        for transform in transforms + ms.get("coordinateTransformations", []):  # level, then global
-            if transform.get("type") == "scale" and len(transform.get("scale", [])) == arr.ndim:
-                scale = scale * np.asarray(transform["scale"], dtype=float)
         units = [_unit_nm(a.get("unit")) if isinstance(a, dict) else None for a in ms.get("axes", [])]
-        units = units if len(units) == arr.ndim else [None] * arr.ndim
-        if any(u is None for a, u in zip(self._axes, units) if a in "zyx"):
+
+        def level_nm(level: int) -> dict[str, float] | None:
+            """nm per z/y/x axis of one level (scale of the level times the global scale)."""
+            scale = np.ones(len(units))
+            transforms = datasets[level].get("coordinateTransformations", [])
+            for transform in transforms + ms.get("coordinateTransformations", []):  # level, then global
+                if transform.get("type") == "scale" and len(transform.get("scale", [])) == len(units):
+                    scale = scale * np.asarray(transform["scale"], dtype=float)
+            if not axes or len(axes) != len(units) or any(u is None for a, u in zip(axes, units) if a in "zyx"):
+                return None
+            return {a: s * u for a, s, u in zip(axes, scale, units) if a in "zyx"}
+
+        sizes = [level_nm(k) for k in range(len(datasets))]
+        level = self._pick_level([tuple(v[a] for a in "zyx") if v and len(v) == 3 else None for v in sizes])
+        arr = group[datasets[level]["path"]]
+        self._set_array(arr, axes if axes and len(axes) == arr.ndim else None)
+        if len(units) != arr.ndim or any(u is None for a, u in zip(self._axes, units) if a in "zyx"):
             self.notes.append("OME-Zarr axes give no (known) space units; voxel size unknown")
             self._set_voxel_size(None)
             return
-        nm = {a: s * u for a, s, u in zip(self._axes, scale, units) if a in "zyx"}
-        self._voxel_from_axes(nm, "OME-Zarr metadata")
+        self._voxel_from_axes(level_nm(level) or {}, "OME-Zarr metadata")
+
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        self._store.missing.clear()
+        data = super()._read(z, y, x)
+        if self._store.missing:
+            boxes = self._missing_boxes(sorted(self._store.missing))
+            self._store.missing.clear()
+            if self.spec.missing_chunks == "error" and not self.tolerate_missing:
+                shown = "; ".join(_box_text(b) for b in boxes[:3]) + (" ..." if len(boxes) > 3 else "")
+                raise self._fail(f"{len(boxes)} chunk(s) missing from the store ({shown}); the manifest "
+                                 "says missing_chunks: error")
+            self._note_missing(boxes)
+        return data
+
+    def _missing_boxes(self, keys: Sequence[str]) -> list[tuple[int, ...]]:
+        """Stored-volume (z0, z1, y0, y1, x0, x1) boxes of missing chunk keys of our array."""
+        from curation.remote import chunk_coords
+
+        arr, grid = self._zarr_array, _zarr_chunks(self._zarr_array)
+        boxes = []
+        for key in keys:
+            coords = chunk_coords(key, arr.path)
+            if coords is None or len(coords) != arr.ndim:
+                continue
+            span = {a: (c * g, min((c + 1) * g, n)) for a, c, g, n in zip(self._axes, coords, grid, arr.shape)}
+            boxes.append(tuple(v for a in "zyx" for v in span.get(a, (0, 1))))
+        return boxes
+
+
+def _box_text(box: Sequence[int]) -> str:
+    return f"z {box[0]}-{box[1]}, y {box[2]}-{box[3]}, x {box[4]}-{box[5]}"
 
 
 def _zarr_arrays(members: dict) -> dict[str, tuple]:
@@ -679,6 +798,150 @@ def _zarr_arrays(members: dict) -> dict[str, tuple]:
 def _zarr_chunks(arr: Any) -> tuple[int, ...]:
     """Preferred read block: the shard (one stored object) if sharded, else the chunk."""
     return getattr(arr, "shards", None) or arr.chunks
+
+
+class _TensorstoreArray:
+    """A tensorstore array as the lazily indexable array ``_setup_array`` expects; reads wait at
+    most the remote timeout times the tries (tensorstore retries inside)."""
+
+    def __init__(self, store: Any) -> None:
+        from curation.remote import RemoteSettings
+
+        self.store, self.shape = store, tuple(int(n) for n in store.shape)
+        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        s = RemoteSettings.from_env()
+        self._timeout = s.timeout_s * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        from curation.remote import RemoteReadError
+
+        try:
+            return np.asarray(self.store[key].read().result(timeout=self._timeout))
+        except TimeoutError as e:
+            raise RemoteReadError(f"no answer within {self._timeout:g} s") from e
+
+
+def _read_json(base: str, rel: str) -> dict | None:
+    """A JSON document below a local folder or a URL; None when absent or not a JSON object."""
+    if is_url(base):
+        import fsspec
+
+        from curation.remote import _cat, storage_options, url_join
+
+        fs, root = fsspec.core.url_to_fs(base, **storage_options(base))
+        data = _cat(fs, url_join(root, rel))
+    else:
+        path = Path(base, rel)
+        data = path.read_bytes() if path.is_file() else None
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class _TensorstoreVolume(_ArrayVolume):
+    """Base of the formats read through tensorstore (local folders or URLs)."""
+
+    partial_reads = True
+    options = frozenset({"key", "scale_level", "channel"})
+
+    def _open_tensorstore(self, spec: dict) -> Any:
+        import tensorstore as ts
+
+        from curation.remote import tensorstore_context
+
+        store = ts.open(spec, read=True, context=tensorstore_context()).result()
+        return store[ts.d[:].translate_to[0]]  # precomputed volumes may start at a voxel offset
+
+    def _tensorstore_chunks(self, store: Any) -> tuple[int, ...] | None:
+        with contextlib.suppress(Exception):
+            return tuple(int(n) for n in store.chunk_layout.read_chunk.shape)
+        return None
+
+
+class _N5Volume(_TensorstoreVolume):
+    """N5 (e.g. OpenOrganelle's ``<dataset>.n5/em/fibsem-uint8/s0..sN``) via tensorstore. ``key``
+    names the multiscale group or array below the container; ``scale_level`` picks ``sN``. Voxel
+    size from ``pixelResolution`` / ``resolution`` (x, y, z) or COSEM ``transform`` attributes."""
+
+    reader = "n5"
+
+    def _open(self) -> None:
+        from curation.remote import tensorstore_kvstore, url_join
+
+        base = url_join(self.path, self.spec.key or "") if is_url(self.path) else os.path.join(self.path, self.spec.key or "")
+        attrs = _read_json(base, "attributes.json")
+        if attrs is None:
+            raise self._fail(f"no N5 attributes.json at {'key ' + repr(self.spec.key) if self.spec.key else 'the root'}"
+                             " (set `key` to the dataset, e.g. em/fibsem-uint8)")
+        if "dimensions" in attrs:  # an array, one level
+            levels, level_attrs = [""], [attrs]
+        else:
+            ms = attrs.get("multiscales") or []
+            paths = [d.get("path", "") for d in ms[0].get("datasets", [])] if ms and isinstance(ms[0], dict) else []
+            levels, level_attrs = [], []
+            for k, rel in enumerate(paths or (f"s{n}" for n in range(64))):
+                found = _read_json(base, f"{rel}/attributes.json")
+                if found is None or "dimensions" not in found:
+                    if paths:
+                        raise self._fail(f"N5 multiscale level {rel!r} has no array attributes")
+                    break
+                levels.append(rel)
+                level_attrs.append(found)
+            if not levels:
+                hint = "" if self.spec.key else " (set `key` to the dataset, e.g. em/fibsem-uint8)"
+                raise self._fail("N5 group has no array and no s0..sN scale levels" + hint)
+        level = self._pick_level([_n5_voxel_nm(a) for a in level_attrs])
+        kv = tensorstore_kvstore(url_join(base, levels[level]) if is_url(base) else os.path.join(base, levels[level]))
+        store = self._open_tensorstore({"driver": "n5", "kvstore": kv})
+        chunks = self._tensorstore_chunks(store)
+        self._setup_array(_TensorstoreArray(store), "xyz"[: store.ndim] if store.ndim <= 3 else None, chunks=chunks)
+        nm = _n5_voxel_nm(level_attrs[level])
+        self._set_voxel_size(nm, "N5 attributes")
+
+
+def _n5_voxel_nm(attrs: dict) -> tuple[float, float, float] | None:
+    """(z, y, x) nm from N5 array attributes, or None."""
+    res = attrs.get("pixelResolution")
+    if isinstance(res, dict) and len(res.get("dimensions", [])) == 3:
+        unit = _unit_nm(res.get("unit", "nm"))
+        x, y, z = (float(v) for v in res["dimensions"])
+        return (z * unit, y * unit, x * unit) if unit else None
+    if isinstance(attrs.get("resolution"), list) and len(attrs["resolution"]) == 3:
+        x, y, z = (float(v) for v in attrs["resolution"])  # nm by convention (BigDataViewer, CREMI)
+        return (z, y, x)
+    transform = attrs.get("transform")
+    if isinstance(transform, dict) and len(transform.get("axes", [])) == 3:
+        units = [_unit_nm(u) for u in transform.get("units", ["nm"] * 3)]
+        by_axis = {a: float(s) * u for a, s, u in zip(transform["axes"], transform.get("scale", []), units) if u}
+        if set(by_axis) == set("zyx"):
+            return (by_axis["z"], by_axis["y"], by_axis["x"])
+    return None
+
+
+class _PrecomputedVolume(_TensorstoreVolume):
+    """Neuroglancer precomputed (``info`` + scales, raw / jpeg / compressed segmentation, sharded or
+    not) via tensorstore; ``scale_level`` picks a scale; voxel size from its ``resolution``."""
+
+    reader = "precomputed"
+
+    def _open(self) -> None:
+        from curation.remote import strip_precomputed, tensorstore_kvstore
+
+        base = strip_precomputed(self.path)
+        info = _read_json(base, "info")
+        if info is None or not info.get("scales"):
+            raise self._fail("no Neuroglancer precomputed `info` with scales")
+        sizes = [tuple(float(v) for v in sc.get("resolution", [])[::-1]) or None for sc in info["scales"]]
+        level = self._pick_level([v if v and len(v) == 3 else None for v in sizes])
+        store = self._open_tensorstore({"driver": "neuroglancer_precomputed", "kvstore": tensorstore_kvstore(base),
+                                        "scale_index": level})
+        chunks = self._tensorstore_chunks(store)
+        self._setup_array(_TensorstoreArray(store), "xyzc", chunks=chunks)
+        self._set_voxel_size(sizes[level] if sizes[level] and len(sizes[level]) == 3 else None, "precomputed info")
 
 
 # --------------------------------------------------------------------------- page/slice formats
@@ -803,6 +1066,12 @@ def _is_zarr_dir(path: Path) -> bool:
     )
 
 
+def is_store_dir(path: str | os.PathLike) -> bool:
+    """A folder that is one chunked store (zarr, N5, precomputed): one source, never walked."""
+    p = Path(path)
+    return p.is_dir() and (_is_zarr_dir(p) or _local_store_reader(p) is not None)
+
+
 _ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 
 
@@ -835,6 +1104,8 @@ def source_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if _is_zarr_dir(p):
         return _zarr_metadata_files(p)
+    if is_store_dir(p):  # N5 / precomputed: the root's and the levels' metadata documents
+        return [f for f in [p / "info", p / "attributes.json", *sorted(p.glob("*/attributes.json"))] if f.is_file()]
     if p.is_dir():
         return [p / n for n in natural_sorted(os.listdir(p))
                 if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS) and (p / n).is_file()]
@@ -842,7 +1113,12 @@ def source_files(path: str | os.PathLike) -> list[Path]:
 
 
 def source_fingerprint(path: str | os.PathLike) -> str:
-    """A short digest of :func:`source_files`' names, sizes and mtimes: changes when the data does."""
+    """A short digest of :func:`source_files`' names, sizes and mtimes: changes when the data does.
+    A URL: a digest of its metadata documents and their ETags (ReaderError when unreachable)."""
+    if is_url(os.fspath(path)):
+        from curation.remote import remote_fingerprint
+
+        return remote_fingerprint(os.fspath(path))
     root = Path(path)
     digest = hashlib.sha1()
     for f in source_files(root):
@@ -852,11 +1128,29 @@ def source_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def _local_store_reader(p: Path) -> type[Volume] | None:
+    """N5 or precomputed folders (zarr is recognised by _is_zarr_dir)."""
+    if p.name.lower().endswith(".n5") or (p / "attributes.json").is_file():
+        return _N5Volume
+    if (p / "info").is_file() and _read_json(str(p), "info") is not None:
+        return _PrecomputedVolume
+    return None
+
+
 def reader_for(path: str | os.PathLike) -> type[Volume] | str:
-    """The reader class for ``path``, or a one-sentence reason why there is none."""
+    """The reader class for ``path`` (a URL: from its name or metadata), or a one-sentence reason
+    why there is none."""
+    if is_url(os.fspath(path)):
+        from curation.remote import remote_format
+
+        try:
+            fmt = remote_format(os.fspath(path))
+        except ReaderError as e:
+            return e.problem
+        return {"zarr": _ZarrVolume, "n5": _N5Volume, "precomputed": _PrecomputedVolume}[fmt]
     p = Path(path)
     if p.is_dir():
-        return _ZarrVolume if _is_zarr_dir(p) else _FolderStack
+        return _ZarrVolume if _is_zarr_dir(p) else (_local_store_reader(p) or _FolderStack)
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return _NiftiVolume
@@ -882,6 +1176,8 @@ def open_volume(spec: SourceSpec | str | os.PathLike) -> Volume:
     """
     if not isinstance(spec, SourceSpec):
         spec = SourceSpec(os.fspath(spec))
+    if is_url(spec.path):
+        return _open_url(spec)
     p = Path(spec.path)
     if not p.exists():
         raise ReaderError(spec.path, "does not exist")
@@ -901,6 +1197,21 @@ def open_volume(spec: SourceSpec | str | os.PathLike) -> Volume:
                                      f"({type(e).__name__}: {e})".replace("\n", " ")) from e
 
 
+def _open_url(spec: SourceSpec) -> Volume:
+    cls = reader_for(spec.path)
+    if isinstance(cls, str):
+        raise ReaderError(spec.path, cls)
+    if spec.stack:
+        raise ReaderError(spec.path, "stack=True needs a folder of 2D images, not a URL")
+    try:
+        return cls(spec)
+    except ReaderError:
+        raise
+    except Exception as e:  # network and library errors -> one sentence naming the URL
+        raise ReaderError(spec.path, f"unreadable remote {cls.reader} source ({type(e).__name__}: {e})"
+                          .replace("\n", " ")) from e
+
+
 def describe(volume: Volume) -> dict:
     """JSON-able summary of an opened volume for reports."""
     return {
@@ -913,6 +1224,7 @@ def describe(volume: Volume) -> dict:
         "voxel_size_from": volume.voxel_size_from,
         "is_volume": volume.is_volume,
         "chunk_zyx": list(volume.chunk_zyx),
+        "offset_zyx": list(volume.offset),
         "notes": list(volume.notes),
     }
 
@@ -961,16 +1273,21 @@ def discover(
             for f in files:
                 add(f)
         for d in (e for e in entries if e.is_dir()):
-            if _is_zarr_dir(d):
+            if is_store_dir(d):
                 add(d)
             else:
                 walk(d)
 
     for raw in paths:
+        if is_url(os.fspath(raw)):  # a URL is one source, checked when it is opened
+            if os.fspath(raw) not in seen:
+                seen.add(os.fspath(raw))
+                specs.append(SourceSpec(os.fspath(raw)))
+            continue
         p = Path(raw)
         if not p.exists():
             skipped.append((str(p), "does not exist"))
-        elif _is_zarr_dir(p):
+        elif is_store_dir(p):
             add(p)
         elif p.is_dir():
             dataset = default_name(p)
