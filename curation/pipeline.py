@@ -177,7 +177,7 @@ def run_unit(unit: Unit) -> UnitResult:
                 planes = [(z, unit.converter(volume.read(slice(z, z + 1)))[0]) for z in wanted]
             missing = volume.take_missing()
         if unit.kind == "stage":
-            return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0, missing)
+            return UnitResult(unit.source, unit.key, unit.shard, [], time.perf_counter() - t0, missing=missing)
         result = _cut(unit, planes, "xy")
         result.missing = missing
     elif unit.kind == "xz":  # patch rows are contiguous x-runs: cut straight from the memmap
