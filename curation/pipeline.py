@@ -173,6 +173,12 @@ def run_unit(unit: Unit) -> UnitResult:
                         staged_t[:, z, :] = block[z - unit.start].T  # numpy blocks this 2D transpose
                     del staged_t
                 planes = [(z, block[z - unit.start]) for z in wanted]
+            elif volume.chunk_zyx[0] > 1 and unit.settings["slice_stride"] == 1:
+                # z-chunked store (zarr, N5, precomputed; remote ones above all): one read per unit,
+                # since a read per slice would fetch and decode the same chunks chunk_z times.
+                # plan_units bounds a unit's planes by memory_mb, so the block fits.
+                block = unit.converter(volume.read(slice(unit.start, unit.stop)))
+                planes = [(z, block[z - unit.start]) for z in wanted]
             else:
                 planes = [(z, unit.converter(volume.read(slice(z, z + 1)))[0]) for z in wanted]
             missing = volume.take_missing()
@@ -669,7 +675,7 @@ def extract(
         spec_json["name"] = name
         row = index.source(name)
         try:
-            fingerprint = source_fingerprint(spec.path)
+            fingerprint = source_fingerprint(spec.path, spec.key)
         except ReaderError as err:  # a URL that cannot be reached: skip it now, keep what it gave before
             index.add_skipped(str(spec.path), err.problem)
             tqdm.write(f"skipped {err}", file=sys.stderr)

@@ -853,6 +853,8 @@ class _TensorstoreVolume(_ArrayVolume):
 
         from curation.remote import tensorstore_context
 
+        # Chunks do not change during a run: no revalidation requests for cached ones.
+        spec = {**spec, "recheck_cached_data": False}
         store = ts.open(spec, read=True, context=tensorstore_context()).result()
         return store[ts.d[:].translate_to[0]]  # precomputed volumes may start at a voxel offset
 
@@ -873,10 +875,7 @@ class _N5Volume(_TensorstoreVolume):
         from curation.remote import tensorstore_kvstore, url_join
 
         base = url_join(self.path, self.spec.key or "") if is_url(self.path) else os.path.join(self.path, self.spec.key or "")
-        attrs = _read_json(base, "attributes.json")
-        if attrs is None:
-            raise self._fail(f"no N5 attributes.json at {'key ' + repr(self.spec.key) if self.spec.key else 'the root'}"
-                             " (set `key` to the dataset, e.g. em/fibsem-uint8)")
+        attrs = _read_json(base, "attributes.json") or {}  # optional for N5 groups
         if "dimensions" in attrs:  # an array, one level
             levels, level_attrs = [""], [attrs]
         else:
@@ -892,8 +891,9 @@ class _N5Volume(_TensorstoreVolume):
                 levels.append(rel)
                 level_attrs.append(found)
             if not levels:
+                where = f"key {self.spec.key!r}" if self.spec.key else "the root"
                 hint = "" if self.spec.key else " (set `key` to the dataset, e.g. em/fibsem-uint8)"
-                raise self._fail("N5 group has no array and no s0..sN scale levels" + hint)
+                raise self._fail(f"no N5 array and no s0..sN scale levels at {where}" + hint)
         level = self._pick_level([_n5_voxel_nm(a) for a in level_attrs])
         kv = tensorstore_kvstore(url_join(base, levels[level]) if is_url(base) else os.path.join(base, levels[level]))
         store = self._open_tensorstore({"driver": "n5", "kvstore": kv})
@@ -1112,13 +1112,13 @@ def source_files(path: str | os.PathLike) -> list[Path]:
     return []
 
 
-def source_fingerprint(path: str | os.PathLike) -> str:
+def source_fingerprint(path: str | os.PathLike, key: str | None = None) -> str:
     """A short digest of :func:`source_files`' names, sizes and mtimes: changes when the data does.
     A URL: a digest of its metadata documents and their ETags (ReaderError when unreachable)."""
     if is_url(os.fspath(path)):
         from curation.remote import remote_fingerprint
 
-        return remote_fingerprint(os.fspath(path))
+        return remote_fingerprint(os.fspath(path), key)
     root = Path(path)
     digest = hashlib.sha1()
     for f in source_files(root):

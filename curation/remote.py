@@ -148,6 +148,41 @@ async def _with_retries(call: Any, what: str, settings: RemoteSettings) -> Any:
     raise AssertionError("unreachable")
 
 
+class _ChunkCache:
+    """Per-process LRU of remote chunk bytes (``CEMNET_REMOTE_CACHE_MB``, default 64): the uint8
+    fit samples slices that share z-chunks, and every unit opens the source afresh, so without it
+    the same chunk would cross the network several times."""
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.entries: OrderedDict[str, Any] = OrderedDict()
+        self.nbytes = 0
+
+    def limit(self) -> int:
+        text = os.environ.get("CEMNET_REMOTE_CACHE_MB", "").strip()
+        return int(float(text) * 2**20) if text else 64 * 2**20
+
+    def get(self, key: str) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        size = len(value)
+        if size > self.limit() // 4 or key in self.entries:
+            return
+        self.entries[key] = value
+        self.nbytes += size
+        while self.nbytes > self.limit() and self.entries:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= len(old)
+
+
+_chunk_cache = _ChunkCache()
+
+
 def _is_metadata(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _ZARR_DOCS
 
@@ -172,10 +207,15 @@ def _make_wrapper_class() -> type:
             return type(self)(store, self.settings, self.url)
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            cache_key = url_join(self.url, key) if is_url(self.url) and byte_range is None else None
+            if cache_key is not None and (hit := _chunk_cache.get(cache_key)) is not None:
+                return hit
             value = await _with_retries(lambda: self._store.get(key, prototype, byte_range),
                                         url_join(self.url, key), self.settings)
             if value is None and not _is_metadata(key):
                 self.missing.add(key)
+            elif value is not None and cache_key is not None and not _is_metadata(key):
+                _chunk_cache.put(cache_key, value)
             return value
 
         async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list:
@@ -228,15 +268,22 @@ def chunk_coords(key: str, array_path: str) -> tuple[int, ...] | None:
 
 def _cat(fs: Any, path: str) -> bytes | None:
     """The bytes at ``path``, or None when absent; transient errors retried, others raised."""
-    s = RemoteSettings.from_env()
+    import time
 
-    async def call() -> bytes | None:
+    settings = RemoteSettings.from_env()
+    for attempt in range(settings.retries + 1):
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, fs.cat_file, path)
+            return fs.cat_file(path)
         except FileNotFoundError:
             return None
-
-    return asyncio.run(_with_retries(call, path, s))
+        except Exception as err:  # noqa: BLE001 - classified as in _with_retries
+            if not _transient(err):
+                raise
+            if attempt == settings.retries:
+                raise RemoteReadError(f"{path}: still failing after {attempt + 1} tries "
+                                      f"({type(err).__name__}: {err or 'timed out'})") from err
+            time.sleep(settings.backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def remote_format(url: str) -> str:
@@ -264,10 +311,11 @@ def strip_precomputed(url: str) -> str:
     return url[len("precomputed://"):] if url.lower().startswith("precomputed://") else url
 
 
-def remote_fingerprint(url: str) -> str:
+def remote_fingerprint(url: str, key: str | None = None) -> str:
     """A digest of a remote source's metadata documents (and their ETags where the server gives
-    them): the root's, and for OME-Zarr / N5 multiscales each level's. Chunks are not listed
-    (millions of objects), so a chunk rewritten in place goes unnoticed, as for local stores."""
+    them): the root's and those below ``key``, and each multiscale level's (OME-Zarr datasets, N5
+    ``s0..sN``). Chunks are not listed (millions of objects), so a chunk rewritten in place goes
+    unnoticed, as for local stores."""
     url = strip_precomputed(url)
     fs, root = _filesystem(url)
     digest = hashlib.sha1()
@@ -290,9 +338,9 @@ def remote_fingerprint(url: str) -> str:
         digest.update(f"{rel}\t{hashlib.sha1(data).hexdigest()}\t{etag}\n".encode())
         return data
 
-    try:
+    def add_node(prefix: str) -> None:
         for doc in ("zarr.json", ".zgroup", ".zarray", ".zattrs", "attributes.json", "info"):
-            data = add(doc)
+            data = add(url_join(prefix, doc).lstrip("/"))
             if data is None:
                 continue
             try:
@@ -303,7 +351,16 @@ def remote_fingerprint(url: str) -> str:
             ms = (attrs.get("ome", {}) or {}).get("multiscales") or attrs.get("multiscales") or []
             for dataset in (ms[0].get("datasets", []) if ms and isinstance(ms[0], dict) else []):
                 for level_doc in ("zarr.json", ".zarray", "attributes.json"):
-                    add(url_join(dataset.get("path", ""), level_doc))
+                    add(url_join(prefix, dataset.get("path", ""), level_doc).lstrip("/"))
+
+    try:
+        add_node("")
+        if key:
+            add_node(key.strip("/"))
+        if remote_format(url) == "n5":  # N5 scale levels s0..sN (groups need no attributes.json)
+            for n in range(64):
+                if add(url_join(key or "", f"s{n}", "attributes.json").lstrip("/")) is None:
+                    break
     except (OSError, RemoteReadError) as e:
         raise ReaderError(url, f"cannot reach the source ({type(e).__name__}: {e})") from e
     if not seen or digest.digest() == hashlib.sha1().digest():
@@ -338,12 +395,21 @@ def tensorstore_kvstore(url_or_path: str) -> dict[str, Any]:
     raise ReaderError(url, f"unsupported URL scheme {scheme}://")
 
 
+_contexts: dict[tuple, Any] = {}
+
+
 def tensorstore_context(settings: RemoteSettings | None = None) -> Any:
-    """A tensorstore context with a bounded chunk cache and our retry policy."""
+    """The tensorstore context of this process for these settings: our retry policy and one chunk
+    cache (``CEMNET_REMOTE_CACHE_MB``) shared by every volume opened here, since each unit opens
+    its source afresh and the uint8 fit samples slices that share chunks."""
     import tensorstore as ts
 
     s = settings or RemoteSettings.from_env()
-    retries = {"max_retries": s.retries + 1, "initial_delay": f"{s.backoff_s}s",
-               "max_delay": f"{max(s.backoff_s * 2 ** s.retries, s.backoff_s)}s"}
-    return ts.Context({"cache_pool": {"total_bytes_limit": 64 * 2**20},
-                       "http_request_retries": retries, "s3_request_retries": retries})
+    limit = _chunk_cache.limit()
+    key = (os.getpid(), s, limit)
+    if key not in _contexts:
+        retries = {"max_retries": s.retries + 1, "initial_delay": f"{s.backoff_s}s",
+                   "max_delay": f"{max(s.backoff_s * 2 ** s.retries, s.backoff_s)}s"}
+        _contexts[key] = ts.Context({"cache_pool": {"total_bytes_limit": limit},
+                                     "http_request_retries": retries, "s3_request_retries": retries})
+    return _contexts[key]

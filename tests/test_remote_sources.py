@@ -269,8 +269,12 @@ def test_cli_curates_a_url(server, tmp_path):
                  "--workers", "1"]) == 0
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["totals"]["raw"] > 0 and summary["sources"][0]["source"] == "vol"
-    assert main([f"{server.url}/missing.zarr", "--out", str(tmp_path / "d"), "--no-progress", "--workers", "1"]) != 0 \
-        or "missing.zarr" in json.dumps(json.loads((tmp_path / "d" / "report" / "summary.json").read_text()))
+    # an unreachable URL is skipped with one line naming it as written, and the others are curated
+    main([f"{server.url}/missing.zarr", f"{server.url}/vol.ome.zarr", "--out", str(tmp_path / "d"),
+          "--patch-size", str(PATCH), "--no-progress", "--workers", "1"])
+    summary = json.loads((tmp_path / "d" / "report" / "summary.json").read_text())
+    assert [s["source"] for s in summary["sources"]] == ["vol"] and summary["totals"]["raw"] > 0
+    assert [tuple(x)[0] for x in summary["skipped"]] == [f"{server.url}/missing.zarr"]
 
 
 def test_sampling_budget_draws_whole_chunks_reproducibly(server, tmp_path):
@@ -302,3 +306,16 @@ def test_sampling_budget_draws_whole_chunks_reproducibly(server, tmp_path):
     fetched = {p.rsplit("/s0/c/", 1)[1] for p in server.requests if "/s0/c/" in p}
     wanted = {f"{z}/{s.roi[2] // 48}/{s.roi[4] // 48}" for s in first for z in (0, 1)}
     assert fetched == wanted, (fetched, wanted, [s.roi for s in first])  # whole chunks of the drawn blocks only
+
+
+def test_changed_roi_cuts_the_source_again(stores, tmp_path):
+    path = str(stores / "vol.ome.zarr")
+    _curate([SourceSpec(path, name="v", roi=[0, 32, 0, 48, 0, 96])], tmp_path / "c")
+    _curate([SourceSpec(path, name="v", roi=[0, 32, 48, 96, 0, 96])], tmp_path / "c")
+    index = CorpusIndex(tmp_path / "c")
+    try:
+        row = index.source("v")
+    finally:
+        index.close()
+    assert "cut again" in row["notes"] and "reader roi" in row["notes"]
+    assert json.loads(row["shape_zyx"]) == [32, 48, 96]
