@@ -146,3 +146,21 @@ def test_resume_falls_back_past_a_truncated_last_ckpt(corpus, tmp_path, capsys):
     step = found.read_bytes()
     found.write_bytes(step[:1000] + bytes(4096) + step[5096:])  # zeroed in the middle, same length
     assert newest_loadable_checkpoint(tmp_path)[0] is None
+
+
+def test_divergence_guard_refuses_a_checkpoint_with_non_finite_buffers(corpus, tmp_path):
+    """A finite loss with BatchNorm's running_var at inf (what a huge lr does): no such checkpoint."""
+    from cemnet.methods.common import DivergenceError, DivergenceGuard
+
+    class BreakBuffers(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                pl_module.backbone.bn1.running_var.fill_(float("inf"))
+
+    ck = RunCheckpoint(dirpath=str(tmp_path / "checkpoints"), filename="step{step:08d}", auto_insert_metric_name=False,
+                       every_n_train_steps=2, save_top_k=-1, monitor="step", mode="max")
+    with pytest.raises(DivergenceError, match=r"backbone\.bn1\.running_var.*global step 4.*last good checkpoint is .*last\.ckpt"):
+        _fit(corpus, tmp_path, [DivergenceGuard(), BreakBuffers(), ck], max_steps=6)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 and not (tmp_path / "checkpoints" / "step00000004.ckpt").exists()
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

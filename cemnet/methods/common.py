@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cemnet.transfer.checkpoint_io import nonfinite_tensors
+
 __all__ = [
     "build_backbone",
     "deactivate_requires_grad",
@@ -285,13 +287,28 @@ class DivergenceGuard(pl.Callback):
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
         raise DivergenceError(
             f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
-            f"epoch {trainer.current_epoch}: training stopped before the optimizer step. The last good "
-            f"checkpoint is {ckpt}. Lower the learning rate, check the data (mean/std, blank patches) or "
-            f"use fp32, then resume from it."
+            f"epoch {trainer.current_epoch}: training stopped before the optimizer step. {_last_good(trainer)}"
         )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A finite loss does not prove finite weights: a huge step can leave BatchNorm's running_var
+        # at inf while the loss of the batch still looks fine. Checked before the file is written.
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else "on another rank"
+        raise DivergenceError(
+            f"non-finite parameters or buffers ({names}) at global step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch}: training stopped and this checkpoint was not written. {_last_good(trainer)}"
+        )
+
+
+def _last_good(trainer: pl.Trainer) -> str:
+    path = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    where = f"The last good checkpoint is {path}." if path and Path(path).is_file() else "No checkpoint was saved yet."
+    return f"{where} Lower the learning rate, check the data (mean/std, blank patches) or use fp32, then resume."
 
 
 def _batch_images(batch: Any) -> Tensor | None:

@@ -10,6 +10,7 @@ often hold them). They are allowed only when nothing else in the file needs allo
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import re
 from pathlib import Path
@@ -23,6 +24,26 @@ _PLAIN_DATA = re.compile(
     r"|^numpy\.dtypes\.\w+DType$"
     r"|^pathlib\.(Pure)?(Posix|Windows)?Path$"
 )
+
+
+def give_usual_permissions(path: str | Path) -> None:
+    """``chmod`` a file we wrote to what ``open()`` would have given it (0666 minus the umask).
+
+    Writers that go through a private temporary file (safetensors: 0600) would otherwise leave
+    exports that other users of a shared folder cannot read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def nonfinite_tensors(tensors: Any) -> list[str]:
+    """Names of the floating-point tensors in a ``{name: tensor}`` mapping holding NaN or inf."""
+    bad = []
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+    return bad
 
 
 class CheckpointError(ValueError):
