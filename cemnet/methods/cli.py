@@ -152,7 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"cemnet pretrain: {err}", file=sys.stderr)
         return 3
+    _finish_wandb(cli)
     return _report_end(cli)
+
+
+def _finish_wandb(cli: LightningCLI) -> None:
+    """Close the W&B run so its files are complete when we return (not only at interpreter exit)."""
+    for logger in getattr(getattr(cli, "trainer", None), "loggers", []):
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _report_end(cli: LightningCLI) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "ImagesPerSecond",
+    "logs_this_step",
     "PairSampleLogger",
 ]
 
@@ -321,11 +322,21 @@ def _batch_images(batch: Any) -> Tensor | None:
     return batch if isinstance(batch, Tensor) else None
 
 
-class ImagesPerSecond(pl.Callback):
-    """Logs ``train/images_per_s`` (all ranks together) averaged over ``window`` batches."""
+def logs_this_step(trainer: pl.Trainer | None) -> bool:
+    """Whether the loggers write the metrics of the training batch now running (Lightning's own rule:
+    every ``log_every_n_steps``-th optimizer step, counted from 1). A value logged on any other
+    batch is dropped, so per-step extras are computed and logged only when this is true."""
+    if trainer is None:
+        return True
+    return bool(trainer._logger_connector.should_update_logs)
 
-    def __init__(self, window: int = 20) -> None:
-        self.window = window
+
+class ImagesPerSecond(pl.Callback):
+    """Logs ``train/images_per_s`` (all ranks together) on every step the loggers write, averaged
+    over the batches since the previous write (the first batch of an epoch only starts the clock,
+    so loader start-up is not counted)."""
+
+    def __init__(self) -> None:
         self._t0: float | None = None
         self._n = 0
 
@@ -341,7 +352,7 @@ class ImagesPerSecond(pl.Callback):
             return
         x = _batch_images(batch)
         self._n += (x.shape[0] if x is not None else 0) * trainer.world_size
-        if (batch_idx + 1) % self.window == 0 and now > self._t0:
+        if logs_this_step(trainer) and now > self._t0 and self._n:
             pl_module.log("train/images_per_s", self._n / (now - self._t0), on_step=True, on_epoch=False)
             self._t0, self._n = now, 0
 
