@@ -18,8 +18,9 @@ from pytorch_lightning.callbacks import EarlyStopping
 
 from cemnet.data.augment import AugmentConfig
 from cemnet.data.datamodule import ArrayCorpus, EMPatchDataModule
-from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, checkpoint_problem, newest_loadable_checkpoint
+from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
 from cemnet.methods.mocov2 import MoCoV2
+from cemnet.transfer.checkpoint_io import torch_archive_problem
 
 TOTAL_STEPS = 12  # one and a half epochs of 8 batches
 
@@ -129,7 +130,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         io.save_checkpoint({"global_step": 2, "bad": Unpicklable()}, path)
-    assert torch.load(path, weights_only=True)["global_step"] == 1 and checkpoint_problem(path) is None
+    assert torch.load(path, weights_only=True)["global_step"] == 1 and torch_archive_problem(path) is None
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 

@@ -212,3 +212,26 @@ def test_published_file_gets_the_usual_permissions_even_from_an_old_0600_export(
     finally:
         os.umask(old)
     assert published.stat().st_mode & 0o777 == 0o644
+
+
+def test_non_checkpoints_get_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pickle
+
+    from cemnet.transfer.publish import publish
+
+    model = _timm("test_resnet")
+    raw = tmp_path / "weights.pkl"  # pickle.dump, not torch.save
+    raw.write_bytes(pickle.dumps({k: v.numpy() for k, v in model.state_dict().items()}))
+    assert cemnet_main(["export", str(raw), "--out", str(tmp_path / "o.safetensors"), "--arch", "test_resnet"]) == 1
+    err = capsys.readouterr().err
+    assert str(raw) in err and "plain Python pickle" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match=r"weights\.pkl.*plain Python pickle"):
+        load_encoder(raw, arch="test_resnet")
+    legacy = tmp_path / "legacy.pth"  # legacy torch.save files are still read
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert set(load_checkpoint(legacy)) == set(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"legacy\.pth: a torch\.save checkpoint, not \.safetensors"):
+        publish(legacy, "x", "https://example.org")
+    assert cemnet_main(["weights", "publish", str(legacy), "--name", "x", "--url-base", "https://example.org"]) == 1
+    err = capsys.readouterr().err
+    assert "legacy.pth" in err and "Traceback" not in err

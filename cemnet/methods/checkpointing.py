@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,9 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
-__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "newest_loadable_checkpoint", "checkpoint_problem"]
+from cemnet.transfer.checkpoint_io import torch_archive_problem
+
+__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "newest_loadable_checkpoint"]
 
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
@@ -55,24 +56,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` is not an intact checkpoint file (``None`` when it is).
-
-    Checks the zip container ``torch.save`` writes, CRC of every member included (a truncated,
-    zeroed or partly overwritten file fails); nothing is unpickled.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            if bad is not None:
-                return f"member {bad} is corrupt (CRC mismatch)"
-            if not any(n.endswith("data.pkl") for n in z.namelist()):
-                return "not a torch.save archive (no data.pkl)"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"unreadable ({err})"
-    return None
-
-
 def newest_loadable_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest intact checkpoint of a run, and the newer ones skipped as broken (with why).
 
@@ -85,7 +68,7 @@ def newest_loadable_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None,
     found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt", p.name), reverse=True)
     skipped: list[tuple[Path, str]] = []
     for path in found:
-        problem = checkpoint_problem(path)
+        problem = torch_archive_problem(path)  # CRCs of every member: truncated or zeroed files fail
         if problem is None:
             return path, skipped
         skipped.append((path, problem))
