@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -91,8 +92,12 @@ def _run_cli(config: str, run_dir: Path, *overrides: str) -> dict:
 def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_path: Path) -> None:
     corpus = shared_data / "cem500k_example_patches" / "occlusion"
     ckpt = _run_cli("tiny_mgmr_2d_cpu.yaml", tmp_path / "run", f"--data.init_args.corpus={corpus}",
-                    "--samples_every_n_steps=1")
+                    "--samples_every_n_steps=1", "--trainer.log_every_n_steps=2")
     _check_sample_pictures(tmp_path / "run", ckpt)
+    columns = set(next(csv.reader(open(tmp_path / "run" / "csv" / "metrics.csv"))))
+    promised = {"train/loss", "train/loss_pixel", "train/loss_hog", "train/mask_fraction", "train/lr",
+                "train/images_per_s"}  # docs/pretraining.md, "The run folder"
+    assert promised <= columns, promised - columns
     meta = ckpt["cemnet"]
     assert meta["method"] == "mgmr2d" and meta["spatial_dims"] == 2 and meta["arch"] == "resnet18"
     assert meta["in_chans"] == 1 and meta["global_step"] == 2 and meta["corpus_fingerprint"]

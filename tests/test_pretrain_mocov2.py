@@ -117,7 +117,7 @@ def test_few_steps_on_cpu_log_queue_logits_throughput_and_view_pairs(corpus, tmp
     model = _model(lr=0.03)
     trainer = _trainer(
         tmp_path, max_steps=4, logger=CSVLogger(tmp_path, name="csv", version=""), log_every_n_steps=1,
-        callbacks=[DivergenceGuard(), ImagesPerSecond(window=2), PairSampleLogger(every_n_steps=2, num_pairs=4)],
+        callbacks=[DivergenceGuard(), ImagesPerSecond(), PairSampleLogger(every_n_steps=2, num_pairs=4)],
     )
     trainer.fit(model, dm)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
@@ -292,17 +292,28 @@ def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, mo
     from cemnet.methods.cli import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
+    # log_every_n_steps 2 (not 1): metrics computed on the wrong steps would be dropped by Lightning
     common = ["--config", str(REPO / "experiments/tiny_mocov2_cpu.yaml"), "--run_dir", str(run),
               "--data.init_args.corpus", str(small_corpus), "--data.init_args.num_workers", "0",
               "--data.init_args.augment.crop_size", "32", "--data.init_args.batch_size", "16",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--checkpoint_every_n_steps", "2", "--samples_every_n_steps", "2", "--trainer.log_every_n_steps", "1"]
-    assert main([*common, "--trainer.max_steps", "2"]) == 0
+              "--checkpoint_every_n_steps", "2", "--samples_every_n_steps", "2", "--trainer.log_every_n_steps", "2"]
+    assert main([*common, "--trainer.max_steps", "2", "--wandb"]) == 0
     assert (run / "checkpoints" / "step00000002.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "config.yaml").is_file()
-    assert list((run / "samples").glob("*.png"))
+    columns = set(next(csv.reader(open(run / "csv" / "metrics.csv"))))
+    promised = {"train/loss", "train/lr", "train/logit_pos", "train/logit_neg", "train/acc_top1", "train/queue_fill",
+                "train/queue_key_cos", "train/images_per_s"}  # docs/pretraining.md, "The run folder"
+    assert promised <= columns, promised - columns
+    # W&B offline: a run folder in RUN_DIR/wandb holding the same metrics
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    (records,) = wandb_run.glob("run-*.wandb")
+    data = records.read_bytes()
+    assert all(name.encode() in data for name in promised), "W&B offline run lacks metrics"
+    assert list((wandb_run / "files" / "media").rglob("*view_pairs*.png"))  # samples go to W&B when attached
     first = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert first["global_step"] == 2 and first["cemnet"]["method"] == "mocov2"
     assert main(["fit", *common, "--trainer.max_steps", "4", "--resume"]) == 0

@@ -14,7 +14,7 @@ import yaml
 from test_transfer_helpers import WeightsServer, cemnet_block, lightning_checkpoint, real_patch, weights_server  # noqa: F401
 
 from cemnet.cli import main as cemnet_main
-from cemnet.transfer.download import ChecksumError, DownloadError, UnverifiedError, default_cache_dir, fetch, sha256_env_var
+from cemnet.transfer.download import ChecksumError, DownloadError, NotWeightsError, UnverifiedError, default_cache_dir, fetch, sha256_env_var
 from cemnet.transfer.export import export_encoder
 from cemnet.transfer.load import load_encoder
 from cemnet.transfer.registry import RegistryError, WeightsEntry, load_registry, write_entry
@@ -252,3 +252,26 @@ def test_publish_serve_download_load_round_trip(
     x = real_patch(shared_data)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_an_error_page_served_with_200_is_never_cached_or_pinned(
+    weights_server: WeightsServer, data: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = b"<!DOCTYPE html>\n<html><head><title>Rate limit</title></head><body>Try again later</body></html>\n"
+    entry = _entry(weights_server, page, verified=False)
+    with pytest.raises(NotWeightsError, match=r"HTML.*nothing was cached"):
+        fetch(entry, cache_dir=tmp_path, trust_unverified=True, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file, no .part, no recorded sha256
+    # the CLI says it in one line, exit 1
+    argv = ["weights", "download", "tiny", "--cache-dir", str(tmp_path), "--trust-unverified"]
+    registry = tmp_path.parent / "reg.yaml"
+    write_entry(registry, entry)
+    assert cemnet_main([*argv, "--registry", str(registry)]) == 1
+    err = capsys.readouterr().err
+    assert "HTML" in err and "Traceback" not in err
+    # a page cached and pinned by an older cemnet is discarded, and the real file fetched
+    (tmp_path / FILE).write_bytes(page)
+    (tmp_path / (FILE + ".sha256")).write_text(f"{hashlib.sha256(page).hexdigest()}  {FILE}\n")
+    weights_server.files[FILE] = data
+    assert fetch(entry, cache_dir=tmp_path, trust_unverified=True, **FAST).read_bytes() == data
+    assert (tmp_path / (FILE + ".sha256")).read_text().split()[0] == hashlib.sha256(data).hexdigest()

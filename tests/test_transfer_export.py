@@ -175,3 +175,63 @@ def test_contract_with_pretraining_modules(tmp_path: Path, shared_data: Path, me
     loaded = load_encoder(tmp_path / "enc.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), module.backbone(x))
+
+
+def test_export_refuses_non_finite_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged run (BatchNorm running_var inf, finite loss) must not become an encoder."""
+    model = _timm("test_resnet")
+    model.bn1.running_var[0] = float("inf")
+    torch.save(lightning_checkpoint(model, cemnet_block("test_resnet")), tmp_path / "last.ckpt")
+    out = tmp_path / "enc.safetensors"
+    assert cemnet_main(["export", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "bn1.running_var" in err and "NaN/inf" in err and str(tmp_path / "last.ckpt") in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_export_gets_the_usual_file_permissions(tmp_path: Path) -> None:
+    torch.save(lightning_checkpoint(_timm("test_resnet"), cemnet_block("test_resnet")), tmp_path / "last.ckpt")
+    old = os.umask(0o022)
+    try:
+        export_encoder(tmp_path / "last.ckpt", tmp_path / "enc.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "enc.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_published_file_gets_the_usual_permissions_even_from_an_old_0600_export(tmp_path: Path) -> None:
+    from cemnet.transfer.publish import publish
+
+    torch.save(lightning_checkpoint(_timm("test_resnet"), cemnet_block("test_resnet")), tmp_path / "last.ckpt")
+    export = tmp_path / "enc.safetensors"
+    export_encoder(tmp_path / "last.ckpt", export)
+    export.chmod(0o600)  # what exports were before the fix
+    old = os.umask(0o022)
+    try:
+        _, published = publish(export, "tiny", "https://example.org/w", out_dir=tmp_path / "pub", move=True)
+    finally:
+        os.umask(old)
+    assert published.stat().st_mode & 0o777 == 0o644
+
+
+def test_non_checkpoints_get_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pickle
+
+    from cemnet.transfer.publish import publish
+
+    model = _timm("test_resnet")
+    raw = tmp_path / "weights.pkl"  # pickle.dump, not torch.save
+    raw.write_bytes(pickle.dumps({k: v.numpy() for k, v in model.state_dict().items()}))
+    assert cemnet_main(["export", str(raw), "--out", str(tmp_path / "o.safetensors"), "--arch", "test_resnet"]) == 1
+    err = capsys.readouterr().err
+    assert str(raw) in err and "plain Python pickle" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match=r"weights\.pkl.*plain Python pickle"):
+        load_encoder(raw, arch="test_resnet")
+    legacy = tmp_path / "legacy.pth"  # legacy torch.save files are still read
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert set(load_checkpoint(legacy)) == set(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"legacy\.pth: a torch\.save checkpoint, not \.safetensors"):
+        publish(legacy, "x", "https://example.org")
+    assert cemnet_main(["weights", "publish", str(legacy), "--name", "x", "--url-base", "https://example.org"]) == 1
+    err = capsys.readouterr().err
+    assert "legacy.pth" in err and "Traceback" not in err

@@ -325,8 +325,12 @@ class EMPatchDataModule(pl.LightningDataModule):
         if trainer is None:
             return {}
         loop = trainer.fit_loop
+        # the epoch being trained: `current_epoch` already counts the epoch as done once the epoch
+        # loop has ended (a save at the very end of a run), while `started` only moves when the
+        # next epoch begins; `batches_done` below belongs to the started epoch
+        started = int(loop.epoch_progress.current.started)
         return {
-            "epoch": int(trainer.current_epoch),
+            "epoch": started - 1 if started > 0 else int(trainer.current_epoch),
             "batches_done": int(loop.epoch_loop.batch_progress.current.ready),
             "batches_per_epoch": int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else -1,
             "batch_size": int(self.batch_size),

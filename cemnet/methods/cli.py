@@ -17,6 +17,7 @@ asked) and ``samples/`` (augmented view pairs, when no image-capable logger is a
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -25,10 +26,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ActionYesNo
-from pytorch_lightning.callbacks import ModelCheckpoint
+from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
+from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
 from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -65,11 +67,15 @@ class PretrainCLI(LightningCLI):
         cfg = self._cfg()
         if cfg.get("resume") and self.subcommand == "fit" and not cfg.get("ckpt_path"):  # explicit --ckpt_path wins
             run_dir = Path(cfg.run_dir)
-            # last.ckpt, or a newer checkpoint Lightning wrote on a SLURM preemption signal
-            found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-            if found:
-                cfg.ckpt_path = str(max(found, key=lambda p: p.stat().st_mtime))
+            # last.ckpt, a periodic stepNNNNNNNN.ckpt or a SLURM preemption save, the newest intact one
+            found, broken = newest_loadable_checkpoint(run_dir)
+            for path, problem in broken:
+                print(f"cemnet pretrain: skipping broken checkpoint {path}: {problem}", file=sys.stderr)
+            if found is not None:
+                cfg.ckpt_path = str(found)
                 print(f"cemnet pretrain: resuming from {cfg.ckpt_path}", file=sys.stderr)
+            elif broken:
+                raise SystemExit(f"cemnet pretrain: --resume: no intact checkpoint in {run_dir} (all {len(broken)} broken)")
             else:
                 print(f"cemnet pretrain: --resume but no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
 
@@ -94,12 +100,11 @@ class PretrainCLI(LightningCLI):
         ours: list[pl.Callback] = [
             DivergenceGuard(),
             ImagesPerSecond(),
-            ModelCheckpoint(
+            RunCheckpoint(
                 dirpath=str(run_dir / "checkpoints"),
                 filename="step{step:08d}",
                 auto_insert_metric_name=False,
                 every_n_train_steps=cfg.checkpoint_every_n_steps,
-                save_last=True,
                 save_top_k=cfg.checkpoint_keep,
                 monitor="step",
                 mode="max",
@@ -109,7 +114,16 @@ class PretrainCLI(LightningCLI):
             ours.append(PairSampleLogger(every_n_steps=cfg.samples_every_n_steps, dirpath=str(run_dir)))
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # atomic writes unless the user brings their own
+            trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return self._instantiate_trainer(trainer_config, extra + ours)
+
+
+class _DropFitStopped(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("`Trainer.fit` stopped:")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     # we pass argv explicitly (so `cemnet pretrain ...` works) but leave sys.argv intact, because
     # Lightning's DDP launcher re-executes sys.argv for ranks > 0
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning's "`Trainer.fit` stopped: ..." can name the wrong limit (max_epochs after a max_time
+    # stop); RunCheckpoint knows how the run ended and _report_end says it instead
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropFitStopped())
     try:
-        PretrainCLI(
+        cli = PretrainCLI(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
             datamodule_class=pl.LightningDataModule,
@@ -135,6 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"cemnet pretrain: {err}", file=sys.stderr)
         return 3
+    _finish_wandb(cli)
+    return _report_end(cli)
+
+
+def _finish_wandb(cli: LightningCLI) -> None:
+    """Close the W&B run so its files are complete when we return (not only at interpreter exit)."""
+    for logger in getattr(getattr(cli, "trainer", None), "loggers", []):
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
+def _report_end(cli: LightningCLI) -> int:
+    """Say how a fit ended and where its last state is; 128 + signal number when a signal stopped it."""
+    trainer = getattr(cli, "trainer", None)
+    ckpt = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, RunCheckpoint)), None)
+    if ckpt is None or ckpt.end_reason is None or not trainer.is_global_zero:
+        return 0
+    where = f"; last checkpoint {ckpt.last_model_path}" if ckpt.last_model_path else ""
+    print(f"cemnet pretrain: {ckpt.end_reason} at global step {trainer.global_step}{where}", file=sys.stderr)
+    if ckpt.stopped_by is not None:
+        print("cemnet pretrain: continue with the same command and --resume", file=sys.stderr)
+        return 128 + int(ckpt.stopped_by)
     return 0
 
 

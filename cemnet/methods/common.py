@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cemnet.transfer.checkpoint_io import nonfinite_tensors
+
 __all__ = [
     "build_backbone",
     "deactivate_requires_grad",
@@ -41,6 +43,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "ImagesPerSecond",
+    "logs_this_step",
     "PairSampleLogger",
 ]
 
@@ -285,13 +288,28 @@ class DivergenceGuard(pl.Callback):
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
         raise DivergenceError(
             f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
-            f"epoch {trainer.current_epoch}: training stopped before the optimizer step. The last good "
-            f"checkpoint is {ckpt}. Lower the learning rate, check the data (mean/std, blank patches) or "
-            f"use fp32, then resume from it."
+            f"epoch {trainer.current_epoch}: training stopped before the optimizer step. {_last_good(trainer)}"
         )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A finite loss does not prove finite weights: a huge step can leave BatchNorm's running_var
+        # at inf while the loss of the batch still looks fine. Checked before the file is written.
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else "on another rank"
+        raise DivergenceError(
+            f"non-finite parameters or buffers ({names}) at global step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch}: training stopped and this checkpoint was not written. {_last_good(trainer)}"
+        )
+
+
+def _last_good(trainer: pl.Trainer) -> str:
+    path = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    where = f"The last good checkpoint is {path}." if path and Path(path).is_file() else "No checkpoint was saved yet."
+    return f"{where} Lower the learning rate, check the data (mean/std, blank patches) or use fp32, then resume."
 
 
 def _batch_images(batch: Any) -> Tensor | None:
@@ -304,11 +322,21 @@ def _batch_images(batch: Any) -> Tensor | None:
     return batch if isinstance(batch, Tensor) else None
 
 
-class ImagesPerSecond(pl.Callback):
-    """Logs ``train/images_per_s`` (all ranks together) averaged over ``window`` batches."""
+def logs_this_step(trainer: pl.Trainer | None) -> bool:
+    """Whether the loggers write the metrics of the training batch now running (Lightning's own rule:
+    every ``log_every_n_steps``-th optimizer step, counted from 1). A value logged on any other
+    batch is dropped, so per-step extras are computed and logged only when this is true."""
+    if trainer is None:
+        return True
+    return bool(trainer._logger_connector.should_update_logs)
 
-    def __init__(self, window: int = 20) -> None:
-        self.window = window
+
+class ImagesPerSecond(pl.Callback):
+    """Logs ``train/images_per_s`` (all ranks together) on every step the loggers write, averaged
+    over the batches since the previous write (the first batch of an epoch only starts the clock,
+    so loader start-up is not counted)."""
+
+    def __init__(self) -> None:
         self._t0: float | None = None
         self._n = 0
 
@@ -324,7 +352,7 @@ class ImagesPerSecond(pl.Callback):
             return
         x = _batch_images(batch)
         self._n += (x.shape[0] if x is not None else 0) * trainer.world_size
-        if (batch_idx + 1) % self.window == 0 and now > self._t0:
+        if logs_this_step(trainer) and now > self._t0 and self._n:
             pl_module.log("train/images_per_s", self._n / (now - self._t0), on_step=True, on_epoch=False)
             self._t0, self._n = now, 0
 

@@ -28,6 +28,7 @@ from cemnet.methods.common import (
     CemnetCheckpointMixin,
     build_backbone,
     clean_state_dict_keys,
+    logs_this_step,
     lr_factor,
 )
 from cemnet.methods.hog import HogKind, hog_channels, hog_target
@@ -247,6 +248,8 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for k in ("loss_pixel", "loss_hog", "mask_fraction"):
             self.log(f"train/{k}", out[k], batch_size=bs)
+        if self._trainer is not None and logs_this_step(self._trainer):
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return out["loss"]
 
     # -- fit plumbing --------------------------------------------------------------------------

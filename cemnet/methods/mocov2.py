@@ -32,6 +32,7 @@ from cemnet.methods.common import (
     concat_all_gather,
     convert_split_batchnorm,
     deactivate_requires_grad,
+    logs_this_step,
     lr_factor,
     update_momentum,
 )
@@ -136,7 +137,7 @@ class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
 
     def _log_step(self, loss: Tensor, stats: dict[str, Tensor], batch_size: int) -> None:
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-        if self._trainer is not None and self.global_step % self.trainer.log_every_n_steps:
+        if not logs_this_step(self._trainer):
             return  # the rest only on steps the loggers write (saves the queue scan and Lightning's bookkeeping)
         logged = {f"train/{k}": v for k, v in stats.items()}
         logged.update({f"train/queue_{k}": v for k, v in self.memory_bank.stats().items()})

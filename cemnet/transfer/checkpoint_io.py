@@ -10,8 +10,10 @@ often hold them). They are allowed only when nothing else in the file needs allo
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,26 @@ _PLAIN_DATA = re.compile(
     r"|^numpy\.dtypes\.\w+DType$"
     r"|^pathlib\.(Pure)?(Posix|Windows)?Path$"
 )
+
+
+def give_usual_permissions(path: str | Path) -> None:
+    """``chmod`` a file we wrote to what ``open()`` would have given it (0666 minus the umask).
+
+    Writers that go through a private temporary file (safetensors: 0600) would otherwise leave
+    exports that other users of a shared folder cannot read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def nonfinite_tensors(tensors: Any) -> list[str]:
+    """Names of the floating-point tensors in a ``{name: tensor}`` mapping holding NaN or inf."""
+    bad = []
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+    return bad
 
 
 class CheckpointError(ValueError):
@@ -45,9 +67,89 @@ def _plain_data_globals(names: list[str]) -> list[Any]:
     return [_resolve(n) for n in names] + extra
 
 
+# torch.save's legacy (pre-1.6, non-zip) files start with the pickled magic number 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torch_archive_problem(path: str | Path, verify_crc: bool = True) -> str | None:
+    """Why ``path`` is not an intact ``torch.save`` zip archive (``None`` when it is).
+
+    Nothing is unpickled. ``verify_crc`` also reads every member against its CRC, so a file zeroed
+    or overwritten in the middle fails, not only a truncated one.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return "a zip file, but not a torch.save archive (no data.pkl)"
+            bad = z.testzip() if verify_crc else None
+            if bad is not None:
+                return f"member {bad} is corrupt (CRC mismatch)"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"unreadable ({err})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.metadata()
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: all mean "not readable"
+        return f"not a readable .safetensors file ({err})"
+    return None
+
+
+def _describe_start(head: bytes) -> str:
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "it is an HTML/XML page (an error or login page served instead of the file?)"
+    if head[:1] == b"\x80":
+        return "it is a plain Python pickle, not written by torch.save (re-save its state_dict with torch.save in a trusted environment)"
+    return f"it starts with {head[:16]!r}"
+
+
+def weights_file_kind(path: str | Path) -> str:
+    """``"safetensors"``, ``"torch-zip"`` or ``"torch-legacy"``: what the file holds, judged by content.
+
+    A ``.safetensors`` header must parse and a zip must be a ``torch.save`` archive; nothing is
+    unpickled. Raises :class:`CheckpointError` (naming the file and what it is instead) otherwise.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    problem = "empty file" if not head else None
+    if head.startswith(_ZIP_MAGIC):
+        problem = torch_archive_problem(path, verify_crc=False)
+        kind = "torch-zip"
+    elif head.startswith(_LEGACY_TORCH_MAGIC):
+        kind = "torch-legacy"
+    elif head:
+        kind = "safetensors"
+        if _safetensors_problem(path) is not None:
+            problem = f"not a checkpoint (.safetensors, torch.save archive or legacy torch.save): {_describe_start(head)}"
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    return kind
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """The :func:`weights_file_kind` complaint about ``path``, or ``None`` when it is a weights file."""
+    try:
+        weights_file_kind(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
 def load_checkpoint(path: str | Path) -> Any:
     """``torch.load`` restricted to tensors and plain data (plus numpy scalars/arrays, paths)."""
     path = Path(path)
+    weights_file_kind(path)  # a clear message for a plain pickle, an HTML page, a truncated file
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -63,7 +165,7 @@ def load_checkpoint(path: str | Path) -> Any:
             "cemnet only reads checkpoints with torch.load(weights_only=True). Re-save the "
             "state_dict from a trusted environment."
         ) from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
 
 

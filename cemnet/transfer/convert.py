@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cemnet.transfer.build import check_state_dict, classifier_keys, first_conv_key, is_known_arch, reference_shapes
-from cemnet.transfer.checkpoint_io import CheckpointError, find_checkpoint, load_checkpoint
+from cemnet.transfer.checkpoint_io import CheckpointError, find_checkpoint, load_checkpoint, weights_file_kind
 from cemnet.transfer.keys import clean_keys, drop_prefixes, split_prefix, summarize
 from cemnet.transfer.meta import FORMATS, EncoderMeta
 
@@ -207,6 +207,8 @@ def read_safetensors(path: str | Path, arch: str | None = None) -> EncoderWeight
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if weights_file_kind(path) != "safetensors":
+        raise CheckpointError(f"{path}: a torch.save checkpoint, not .safetensors (convert it with 'cemnet export')")
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata()
     state_dict = load_file(str(path))

@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from cemnet.transfer.registry import WeightsEntry, get_entry
@@ -49,6 +50,10 @@ class ChecksumError(DownloadError):
 
 class UnverifiedError(DownloadError):
     """No sha256 is known for the file and unverified downloads were not allowed."""
+
+
+class NotWeightsError(DownloadError):
+    """The downloaded file is not a checkpoint of a format cemnet reads (nothing was cached)."""
 
 
 class _Transient(Exception):
@@ -192,12 +197,15 @@ def download_url(
     backoff: float = 1.0,
     timeout: float = 60.0,
     chunk_size: int = 1 << 20,
+    validate: Callable[[Path], str | None] | None = None,
 ) -> str:
     """Download ``url`` to ``dest`` (resuming ``dest.part``); return the file's sha256.
 
     With ``sha256`` the file is renamed into place only if it matches; otherwise the partial
     is deleted and :class:`ChecksumError` raised. A mismatch after resuming a partial left by an
-    earlier run (perhaps of another file version) triggers one clean restart first.
+    earlier run (perhaps of another file version) triggers one clean restart first. ``validate``
+    (the file -> a complaint or ``None``) must also pass, else :class:`NotWeightsError` and nothing
+    is kept: a server answering 200 with an error page must not end up in the cache.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +216,10 @@ def download_url(
         _transfer_with_retries(url, part, retries=retries, backoff=backoff, progress=progress, timeout=timeout, chunk_size=chunk_size)
         digest = sha256_file(part)
         if expected is None or digest == expected:
+            problem = validate(part) if validate is not None else None
+            if problem is not None:
+                part.unlink()
+                raise NotWeightsError(f"download of {url}: {problem.replace(str(part), 'the file')}; nothing was cached")
             os.replace(part, dest)
             return digest
         part.unlink()
@@ -253,11 +265,19 @@ def fetch(
     ``download_kwargs`` go to :func:`download_url` (``retries``, ``backoff``, ``timeout``,
     ``chunk_size``).
     """
+    from cemnet.transfer.checkpoint_io import weights_file_problem  # imports torch: only when fetching
+
     entry = name_or_entry if isinstance(name_or_entry, WeightsEntry) else get_entry(name_or_entry, registry)
     dest = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = dest / entry.file_name
     pinned = sha256 or os.environ.get(sha256_env_var(entry.name)) or entry.sha256
     expected = pinned.lower() if pinned else _read_recorded(dest)
+    problem = weights_file_problem(dest) if dest.exists() and not pinned else None
+    if problem is not None:  # cached, and its hash recorded, by an older cemnet that did not look inside
+        _log.warning("cached %s is not a weights file (%s); discarding it and its recorded sha256", dest, problem)
+        dest.unlink()
+        _recorded_path(dest).unlink(missing_ok=True)
+        expected = None
     if dest.exists():
         if expected and sha256_file(dest) == expected:
             return dest
@@ -273,7 +293,9 @@ def fetch(
             f"Pin the hash (--sha256 HEX, {sha256_env_var(entry.name)}=HEX, or a registry entry), "
             "or accept it on first use with --trust-unverified (trust_unverified=True)."
         )
-    digest = download_url(entry.url, dest, sha256=expected, progress=progress, **download_kwargs)  # type: ignore[arg-type]
+    digest = download_url(
+        entry.url, dest, sha256=expected, progress=progress, validate=weights_file_problem, **download_kwargs  # type: ignore[arg-type]
+    )
     if expected is None:
         _record(dest, digest, entry)
     return dest

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cemnet.transfer.checkpoint_io import give_usual_permissions, nonfinite_tensors
 from cemnet.transfer.convert import EncoderWeights, read_weights
 
 
@@ -18,11 +19,18 @@ def save_encoder(weights: EncoderWeights, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
+    bad = nonfinite_tensors(weights.state_dict)
+    if bad:  # a diverged run's weights (e.g. BatchNorm running_var inf) would give non-finite features
+        raise ValueError(
+            f"{weights.source}: {len(bad)} tensor(s) hold NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+            "refusing to export a diverged encoder: export an earlier checkpoint of the run"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (views, tied weights); own copies are safe.
     tensors = {k: v.detach().contiguous().clone() for k, v in weights.state_dict.items()}
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=weights.meta.to_safetensors())
+    give_usual_permissions(tmp)
     os.replace(tmp, out)
     return out
 

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from cemnet.transfer.checkpoint_io import give_usual_permissions
 from cemnet.transfer.convert import read_safetensors
 from cemnet.transfer.download import sha256_file
 from cemnet.transfer.registry import WeightsEntry, write_entry
@@ -65,6 +66,7 @@ def publish(
             tmp = target.with_name(target.name + ".tmp")
             shutil.copyfile(export, tmp)
             os.replace(tmp, target)
+        give_usual_permissions(target)  # an export written before this fix may be 0600
     if registry is not None:
         write_entry(registry, entry)
     return entry, target
