@@ -46,7 +46,7 @@ class FinetuneConfig:
     max_lr: float = 3e-3
     weight_decay: float = 0.1
     freeze: str = "none"  # "none" | "encoder" | a stage name ("layer3"): frozen below it
-    arch: str = "resnet50"  # encoder architecture for random init
+    arch: str | None = "resnet50"  # encoder architecture for random init
     base_width: int = 256
     seed: int = 0
     eval_at: tuple[int, ...] = ()  # extra iterations to evaluate at (iteration efficiency)
@@ -84,7 +84,7 @@ def build_model(encoder: str, out_channels: int, cfg: FinetuneConfig) -> tuple[n
     from cemnet.models.unet import UNet
 
     if encoder == "random" or encoder.startswith("random:"):
-        arch = encoder.partition(":")[2] or cfg.arch
+        arch = encoder.partition(":")[2] or cfg.arch or "resnet50"
         module = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1)
         return UNet(module, out_channels, base_width=cfg.base_width), None
     model = UNet(encoder, out_channels, in_chans=1, base_width=cfg.base_width)
