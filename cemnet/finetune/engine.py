@@ -96,16 +96,22 @@ class FinetuneModule(pl.LightningModule):
         total_steps: length of the OneCycle schedule (the run's iterations).
         max_lr, weight_decay: AdamW / OneCycle settings (CEM500K: 3e-3, 0.1).
         frozen: modules whose parameters are frozen; kept in eval mode while training.
+        schedule: ``onecycle`` (CEM500K) or ``constant`` (``max_lr`` throughout: the short
+            source-model runs of the transferability validation).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], total_steps: int, *,
-                 max_lr: float = 3e-3, weight_decay: float = 0.1, frozen: Sequence[nn.Module] = ()) -> None:
+                 max_lr: float = 3e-3, weight_decay: float = 0.1, frozen: Sequence[nn.Module] = (),
+                 schedule: str = "onecycle") -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.total_steps = int(total_steps)
         self.max_lr, self.weight_decay = float(max_lr), float(weight_decay)
         self.frozen = list(frozen)
+        if schedule not in ("onecycle", "constant"):
+            raise ValueError(f"schedule {schedule!r}: expected 'onecycle' or 'constant'")
+        self.schedule = schedule
         self.running_loss = math.nan
         self.history: list[dict[str, Any]] = []  # evaluations so far (kept in checkpoints)
         self.stream: BatchStream | None = None
@@ -128,6 +134,8 @@ class FinetuneModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.max_lr, weight_decay=self.weight_decay)
+        if self.schedule == "constant":
+            return {"optimizer": opt}
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.max_lr, total_steps=max(self.total_steps, 2))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
