@@ -36,6 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cemnet.finetune.engine import FinetuneModule, fit  # noqa: E402
 from cemnet.models.unet import UNet  # noqa: E402
 from cemnet.transfer.active import patch_uncertainty, select  # noqa: E402
 from cemnet.transfer.embed import build_encoder, build_features_encoder, embed_patches, iter_batches  # noqa: E402
@@ -93,25 +94,33 @@ def new_unet(arch: str) -> UNet:
     return UNet(build_features_encoder(f"timm:{arch}"), num_classes=1, base_width=64)
 
 
-def train(model: UNet, x: np.ndarray, y: np.ndarray, steps: int, lr: float, seed: int, batch: int = 4) -> UNet:
-    """A minimal supervised loop (BCE, Adam, flips); standardises each batch by the data's stats."""
-    g = torch.Generator().manual_seed(seed)
-    xt = torch.from_numpy(x).float().div(255)[:, None]
-    yt = torch.from_numpy(y.astype(np.float32))[:, None]
-    mean, std = xt.mean(), xt.std().clamp_min(1e-3)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(xt), (min(batch, len(xt)),), generator=g)
-        xb, yb = (xt[idx] - mean) / std, yt[idx]
-        if torch.rand(1, generator=g) < 0.5:
+class CropBatches:
+    """Random batches of (standardised crop, mask) with flips, for the shared fine-tuning engine;
+    standardises by the data's own statistics."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int) -> None:
+        self.xt = torch.from_numpy(x).float().div(255)[:, None]
+        self.yt = torch.from_numpy(y.astype(np.float32))[:, None]
+        self.mean, self.std = self.xt.mean(), self.xt.std().clamp_min(1e-3)
+        self.size = min(batch, len(self.xt))
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.rng.integers(0, len(self.xt), self.size))
+        xb, yb = (self.xt[idx] - self.mean) / self.std, self.yt[idx]
+        if self.rng.random() < 0.5:
             xb, yb = xb.flip(-1), yb.flip(-1)
-        if torch.rand(1, generator=g) < 0.5:
+        if self.rng.random() < 0.5:
             xb, yb = xb.flip(-2), yb.flip(-2)
-        loss = F.binary_cross_entropy_with_logits(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return xb, yb
+
+
+def train(model: UNet, x: np.ndarray, y: np.ndarray, steps: int, lr: float, seed: int, batch: int = 4) -> UNet:
+    """Supervised fine-tuning on the shared engine (BCE, Adam at a constant lr, flips)."""
+    torch.manual_seed(seed)
+    module = FinetuneModule(model, F.binary_cross_entropy_with_logits, steps, max_lr=lr, weight_decay=0.0,
+                            schedule="constant")
+    fit(module, CropBatches(x, y, batch, seed), steps)
     return model.eval()
 
 

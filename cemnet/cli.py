@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("cemnet.methods.cli", "self-supervised pretraining (LightningCLI: MoCoV2, MGMR)"),
     "export": ("cemnet.transfer.cli_export", "export clean encoder weights from a run or checkpoint"),
     "weights": ("cemnet.transfer.cli_weights", "list / inspect / download / publish pretrained weights"),
+    "finetune": ("cemnet.finetune.cli", "train a segmentation model on your labels -> RUN/model.safetensors"),
     "benchmark": ("cemnet.benchmarks.cli", "fine-tune and evaluate on vEM benchmarks"),
     "transfer": ("cemnet.transfer.cli_transfer", "rank sources by MMD, select patches to label"),
 }

@@ -133,7 +133,7 @@ def test_custom_2d_and_3d(tmp_path: Path, shared_data: Path) -> None:
         Image.open(src / "images" / f"{i}.png").save(imgs / f"slice{i}.png")
         Image.open(src / "labels" / f"{i}.png").save(masks / f"slice{i}_mask.png")  # 0/255, suffixed name
     d = load_custom_2d(imgs, masks, "z:0.5")
-    assert (len(d.train), len(d.test)) == (2, 2) and d.classes == ("class1",)
+    assert (len(d.train), len(d.test)) == (2, 2) and d.classes == ("foreground",)  # binary: the class is named foreground
     assert set(np.unique(d.train[0].mask)) == {0, 1}  # 0/255 -> 0/1
     d = load_custom_2d(imgs, masks, "test:slice3", classes=["interior"])
     assert [s.name for s in d.test] == ["slice3"] and d.classes == ("interior",)

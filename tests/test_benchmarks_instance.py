@@ -70,6 +70,39 @@ def test_cutmix_ignores_pasted_labels() -> None:
     assert ((out == 9) == (olab == IGNORE)).all() and (olab == IGNORE).sum() == 2 * 4 * 4
 
 
+def test_affinity_loss_mask_counts_crossing_targets(shared_data: Path) -> None:
+    """Issue 11 item 10: on a real 4x8x8 crop with a pasted CutMix box, every affinity whose
+    predecessor voxel is outside the crop or inside the box is left out of the loss (it was trained
+    as 0); the others, and the foreground outside the box, are kept."""
+    from cemnet.benchmarks.instance import AffinityCrops, affinity_loss_mask
+
+    s = load_benchmark("gala", shared_data).test[0]
+    img, lab = s.image[:4, 40:48, 40:48].astype(np.float64), s.mask[:4, 40:48, 40:48].astype(np.int64)
+    _, mixed = cutmix(img, lab, img[::-1].copy(), np.random.default_rng(3), fraction=0.5)
+    valid = mixed != IGNORE
+    mask = affinity_loss_mask(valid)
+    crossing = box_faces = 0
+    targets = affinities_from_labels(np.where(valid, mixed, 0))
+    for d, step in enumerate(((1, 0, 0), (0, 1, 0), (0, 0, 1))):
+        for p in np.ndindex(*valid.shape):
+            q = tuple(np.subtract(p, step))
+            inside = min(q) >= 0
+            expected = bool(valid[p] and inside and valid[q])
+            assert mask[(d, *p)] == expected, (d, p)
+            if valid[p] and not expected:  # counted before the fix, always with target 0
+                crossing += 1
+                box_faces += inside
+                assert targets[(d, *p)] == 0
+    assert (~valid).sum() == 2 * 4 * 4 and box_faces > 0 and crossing > box_faces
+    assert int(((mask[:3] == 0) & valid[None]).sum()) == crossing
+    assert (mask[3] == valid).all()
+    # the training batches carry that mask (first planes never count)
+    cfg = InstanceConfig(iterations=1, batch_size=1, crop=(4, 8, 8), mix="cutmix", mix_prob=1.0)
+    x, y, m = AffinityCrops([s], cfg, (0.5, 0.2), target=s.image).batch()
+    assert m.shape == (1, 4, 4, 8, 8) and m[0, 0, 0].sum() == 0 and m[0, 1, :, 0].sum() == 0 and m[0, 2, :, :, 0].sum() == 0
+    assert m[0, 3].sum() == 256 - 32  # foreground counts everywhere outside the pasted box
+
+
 def test_train_affinities_and_cli(shared_data: Path, tmp_path: Path) -> None:
     d = load_benchmark("gala", shared_data)
     cfg = InstanceConfig(iterations=3, batch_size=1, crop=(8, 32, 32), base_width=8, mix="both", mix_prob=1.0)
@@ -133,9 +166,9 @@ def test_train_affinities_2d_mode(shared_data: Path) -> None:
 def test_cli_affinity_mode_2d(shared_data: Path, tmp_path: Path) -> None:
     from cemnet.benchmarks.cli import build_parser
 
-    assert build_parser().parse_args(["neuroproof", "--affinity-mode", "2d"]).affinity_mode == "2d"
-    assert build_parser().parse_args(["neuroproof"]).affinity_mode == "3d"
-    rc = cemnet_main(["benchmark", "gala", "--data-dir", str(shared_data), "--instance", "--encoders", "random:resnet10t",
+    assert build_parser().parse_args(["neuroproof", "--data-dir", "d", "--affinity-mode", "2d"]).affinity_mode == "2d"
+    assert build_parser().parse_args(["neuroproof", "--data-dir", "d"]).affinity_mode == "3d"
+    rc = cemnet_main(["benchmark", "gala", "--data-dir", str(shared_data), "--encoders", "random:resnet10t",
                       "--affinity-mode", "2d", "--iterations", "2", "--batch-size", "1", "--thresholds", "0.5",
                       "--out", str(tmp_path / "inst2d"), "-q"])
     text = (tmp_path / "inst2d" / "instance_results.csv").read_text()

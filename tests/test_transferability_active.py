@@ -118,3 +118,26 @@ def test_head_roundtrip(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a segmentation head"):
         load_head(tmp_path / "other.pt")
+
+
+def test_finetune_model_file_is_a_head(tmp_path):
+    """``cemnet finetune``'s model file loads as a head (same outputs, its normalisation);
+    instance models are refused with a reason."""
+    from cemnet.finetune.model_file import ModelSpec, build_network, save_model
+
+    spec = ModelSpec(task="semantic", dims="2d", output="softmax", norm=(0.4, 0.3), tile=(128, 128), halo=(16, 16),
+                     arch={"kind": "unet", "encoder": "resnet18", "spatial_dims": 2, "in_chans": 1, "out_channels": 3,
+                           "base_width": 32}, encoder={"source": "random", "arch": "resnet18"})
+    net = build_network(spec).eval()
+    path = save_model(net, spec, tmp_path / "model.safetensors")
+    head, record = load_head(path)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(head(x), net(x), atol=1e-6)
+    assert record["num_classes"] == 3 and record["mean"] == 0.4 and record["encoder"] == "timm:resnet18"
+    spec3 = ModelSpec(task="instance", dims="3d", output="sigmoid", norm=(0.5, 0.2), tile=(32, 64, 64), halo=(4, 8, 8),
+                      arch={"kind": "unet", "encoder": "cemnet3d_res_tiny", "spatial_dims": 3, "in_chans": 1,
+                            "out_channels": 4, "base_width": 8})
+    inst = save_model(build_network(spec3), spec3, tmp_path / "inst.safetensors")
+    with pytest.raises(ValueError, match="needs a semantic 2D model"):
+        load_head(inst)

@@ -127,6 +127,19 @@ def test_select_folder_kcenter_random_and_head(isbi, tmp_path, capsys):
     assert len(sel) == 4 and np.all((scores >= 0) & (scores <= 1))
     assert_png(out2 / "montage.png")
 
+    # a model file as `cemnet finetune` writes it (RUN/model.safetensors) is a head too
+    from cemnet.finetune.model_file import ModelSpec, build_network, save_model
+
+    spec = ModelSpec(task="semantic", dims="2d", output="sigmoid", norm=(0.5, 0.2), tile=(128, 128), halo=(16, 16),
+                     arch={"kind": "unet", "encoder": "resnet18", "spatial_dims": 2, "in_chans": 1, "out_channels": 1,
+                           "base_width": 32}, classes=[{"name": "background", "value": 255}, {"name": "membrane", "value": 0}],
+                     encoder={"source": "random", "arch": "resnet18"})
+    model_file = save_model(build_network(spec), spec, tmp_path / "run" / "model.safetensors")
+    out4 = tmp_path / "model_file"
+    assert cemnet_main([*base, "--head", str(model_file), "--budget", "4", "--strategy", "highest", "--out", str(out4)]) == 0
+    scores4 = [float(r["score"]) for r in rows(out4 / "selection.csv")]
+    assert len(scores4) == 4 and scores4 == sorted(scores4, reverse=True)
+
     out3 = tmp_path / "rnd"
     assert cemnet_main([*base, "--budget", "500", "--strategy", "random", "--out", str(out3)]) == 0
     assert len(rows(out3 / "selection.csv")) == 60  # budget > pool: the whole pool

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,37 +25,58 @@ import numpy as np
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cemnet benchmark", description="Fine-tune and evaluate encoders on vEM benchmarks.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::")[1])
-    p.add_argument("benchmark", help="a registered name, 'custom', 'list' or 'info'")
-    p.add_argument("name", nargs="?", help="benchmark name for 'info'")
-    p.add_argument("--data-dir", help="local copy of the benchmark (or a folder holding several, like ../shared/data)")
-    p.add_argument("--split", help="split rule: z:0.8, test:a,b, volumes:a,b, or a published part (test, validation)")
-    g = p.add_argument_group("custom data")
-    g.add_argument("--images", help="folder of 2D images (custom 2D)")
-    g.add_argument("--masks", help="folder of masks matched to --images by name (custom 2D)")
-    g.add_argument("--image", help="3D image volume, any format curation.readers supports (custom 3D)")
-    g.add_argument("--labels", help="3D label volume (custom 3D)")
-    g.add_argument("--key", help="HDF5/zarr key of --image"), g.add_argument("--label-key", help="HDF5/zarr key of --labels")
-    g.add_argument("--classes", nargs="+", help="class names of mask values 1..K")
-    g.add_argument("--instance", action="store_true", help="custom 3D labels are instance ids (affinity pipeline)")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with its default; descriptions and epilogs kept as written."""
+
+
+def add_mask_options(g: argparse._ArgumentGroup) -> None:
+    """Mask semantics options (shared by ``benchmark custom`` and ``cemnet finetune``)."""
+    g.add_argument("--mask-mode", default="auto", choices=["auto", "binary", "labels"],
+                   help="how mask values become classes: binary (value > --threshold is foreground), labels (values "
+                        "are class ids, or --class-map), auto (two values -> binary, small ids -> labels, a few "
+                        "other values -> one class each, anything else refused)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="binary masks: foreground = value > THRESHOLD (default: half the largest mask value)")
+    g.add_argument("--class-map", nargs="+", metavar="VALUE=NAME", default=None,
+                   help="label masks: the values that are classes, in output order (e.g. 128=myelin 255=axon); "
+                        "0 or the value named 'background' is background; any other value is an error")
+    g.add_argument("--ignore-value", type=int, default=None,
+                   help="mask value of unlabelled pixels (sparse labels): no loss, not scored")
+    g.add_argument("--max-classes", type=int, default=32, help="refuse label masks with more classes than this")
+    g.add_argument("--classes", nargs="+", default=None, help="class names of mask values 1..K (or of the foreground)")
+
+
+def mask_semantics(args: argparse.Namespace):
+    """The :class:`~cemnet.benchmarks.masks.MaskSemantics` of parsed mask options."""
+    from cemnet.benchmarks.masks import MaskSemantics, parse_class_map
+
+    return MaskSemantics(mode=args.mask_mode, threshold=args.threshold, class_map=parse_class_map(args.class_map),
+                         ignore_value=args.ignore_value, max_classes=args.max_classes, classes=args.classes)
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and training (CEM500K defaults)")
     m.add_argument("--encoders", nargs="+", default=["random"],
                    help="encoders: export files, run folders, registry names, 'random' or 'random:ARCH'")
-    m.add_argument("--arch", default="resnet50", help="architecture of 'random' encoders")
+    m.add_argument("--arch", default=None,
+                   help="architecture of 'random' encoders (default: that of the pretrained encoders of the same "
+                        "run, else resnet50; instance 2d/3d modes: resnet18 / cemnet3d_res_tiny)")
     m.add_argument("--freeze", default="none", help="none | encoder | a stage name (layer3): freeze below it")
     m.add_argument("--train-fraction", type=float, nargs="+", default=[1.0], help="labelled fractions to sweep")
-    m.add_argument("--seeds", type=int, nargs="+", default=[0])
-    m.add_argument("--iterations", type=int, default=2500)
+    m.add_argument("--seeds", type=int, nargs="+", default=[0], help="random seeds (one run per seed)")
+    m.add_argument("--iterations", type=int, default=2500, help="fine-tuning iterations per run")
     m.add_argument("--eval-at", type=int, nargs="*", default=[], help="also evaluate at these iterations")
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--crop-size", type=int, default=224)
+    m.add_argument("--batch-size", type=int, default=16, help="crops per iteration")
+    m.add_argument("--crop-size", type=int, default=224, help="training crop side (px)")
     m.add_argument("--lr", type=float, default=3e-3, help="OneCycle max learning rate")
-    m.add_argument("--weight-decay", type=float, default=0.1)
+    m.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     m.add_argument("--base-width", type=int, default=256, help="decoder width")
     m.add_argument("--orthoplane", action="store_true", help="3D: train on xy+xz+yz, average 3-plane predictions")
-    m.add_argument("--device", default="cpu")
+    m.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    m.add_argument("--overlays", type=int, default=2,
+                   help="test images in overlays.png (the most varied ones; 0: no figure)")
+    m.add_argument("--overlay-images", nargs="+", default=None, metavar="NAME",
+                   help="test images (names or indices) to show in overlays.png instead of the most varied ones")
     i = p.add_argument_group("instance segmentation")
     i.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3], help="agglomeration thresholds")
     i.add_argument("--border-nm", type=float, default=None, help="CREMI border mask width (nm), e.g. 25")
@@ -63,8 +85,48 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mix", default="none", choices=["none", "amplitude", "cutmix", "both"], help="domain mixing with the test volume")
     i.add_argument("--affinity-mode", default="3d", choices=["3d", "2d"],
                    help="3d: 3D encoder; 2d: 2D encoder per slice on (z-1, z) pairs (random = resnet18)")
-    p.add_argument("--out", default="benchmark_out", help="output folder")
-    p.add_argument("-q", "--quiet", action="store_true")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="benchmark_out", help="output folder")
+    o.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``cemnet benchmark`` with one subcommand each: ``list``, ``info``, ``custom`` and every
+    registered benchmark (each ``--help`` shows only its own options)."""
+    from cemnet.benchmarks.registry import load_benchmarks
+
+    p = argparse.ArgumentParser(prog="cemnet benchmark", description="Fine-tune and evaluate encoders on vEM benchmarks.",
+                                formatter_class=_HelpFormatter, epilog=__doc__.split("Examples::")[1])
+    sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True,
+                           help="list | info | custom | a registered benchmark name")
+    sub.add_parser("list", help="registered benchmarks", description="List the registered benchmarks.",
+                   formatter_class=_HelpFormatter)
+    info = sub.add_parser("info", help="URL, sha256, licence, citation and layout of one benchmark",
+                          formatter_class=_HelpFormatter)
+    info.add_argument("name", help="a registered benchmark name")
+    c = sub.add_parser("custom", help="your own images + masks (2D) or volume + labels (3D)",
+                       description="Fine-tune and evaluate on your own labelled data.", formatter_class=_HelpFormatter)
+    g = c.add_argument_group("custom data")
+    g.add_argument("--images", help="folder of 2D images (custom 2D)")
+    g.add_argument("--masks", help="folder of masks matched to --images by name (custom 2D)")
+    g.add_argument("--image", help="3D image volume, any format curation.readers supports (custom 3D)")
+    g.add_argument("--labels", help="3D label volume (custom 3D)")
+    g.add_argument("--key", help="HDF5/zarr key of --image")
+    g.add_argument("--label-key", help="HDF5/zarr key of --labels")
+    g.add_argument("--instance", action="store_true", help="custom 3D labels are instance ids (affinity pipeline)")
+    g.add_argument("--split", default="z:0.8", help="split rule: z:F (first fraction for training), test:a,b")
+    add_mask_options(g)
+    _add_training(c)
+    for name, entry in load_benchmarks().items():
+        b = sub.add_parser(name, help=f"{entry.task}: {', '.join(entry.classes)}", formatter_class=_HelpFormatter,
+                           description=f"Benchmark {name} ({entry.task}; classes {', '.join(entry.classes)}).")
+        d = b.add_argument_group("data")
+        d.add_argument("--data-dir", required=True,
+                       help="local copy of the benchmark (or a folder holding several, like ../shared/data)")
+        d.add_argument("--split", default=None,
+                       help="split rule: z:0.8, test:a,b, volumes:a,b, or a published part (test, validation); "
+                            "default: the benchmark's own")
+        _add_training(b)
     return p
 
 
@@ -77,12 +139,9 @@ def _list() -> int:
     return 0
 
 
-def _info(name: str | None) -> int:
+def _info(name: str) -> int:
     from cemnet.benchmarks.registry import get_benchmark
 
-    if not name:
-        print("cemnet benchmark info NAME", flush=True)
-        return 2
     e = get_benchmark(name)
     print(json.dumps({k: v for k, v in e.__dict__.items()}, indent=2, default=list))
     return 0
@@ -93,23 +152,25 @@ def _load(args: argparse.Namespace):
 
     if args.benchmark == "custom":
         if args.images and args.masks:
-            return load_custom_2d(args.images, args.masks, args.split or "z:0.8", args.classes)
+            return load_custom_2d(args.images, args.masks, args.split, semantics=mask_semantics(args))
         if args.image and args.labels:
-            return load_custom_3d(args.image, args.labels, args.split or "z:0.8", args.classes, key=args.key,
-                                  label_key=args.label_key, instance=args.instance)
-        raise SystemExit("cemnet benchmark custom: pass --images/--masks (2D) or --image/--labels (3D)")
+            return load_custom_3d(args.image, args.labels, args.split, key=args.key, label_key=args.label_key,
+                                  instance=args.instance, semantics=mask_semantics(args))
+        raise ValueError("pass --images/--masks (2D) or --image/--labels (3D)")
     return load_benchmark(args.benchmark, args.data_dir, args.split)
 
 
 def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
     from cemnet.benchmarks.instance import InstanceConfig, evaluate_affinities, predict_affinities
-    from cemnet.benchmarks.sweep import write_csv
+    from cemnet.benchmarks.instance import DEFAULT_ARCH
+    from cemnet.benchmarks.sweep import resolve_random_arch, write_csv
 
+    # plain "random": the pretrained encoders' architecture, else the mode's default
+    random_arch = resolve_random_arch(args.encoders, args.arch, DEFAULT_ARCH[args.affinity_mode])
     rows = []
     for enc in args.encoders:
         for seed in args.seeds:
-            # plain "random" resolves to the mode's default architecture (instance.DEFAULT_ARCH)
-            cfg = InstanceConfig(encoder=enc, mode=args.affinity_mode, iterations=args.iterations,
+            cfg = InstanceConfig(encoder=f"random:{random_arch}" if enc == "random" else enc, mode=args.affinity_mode, iterations=args.iterations,
                                  batch_size=max(1, args.batch_size), max_lr=args.lr, weight_decay=args.weight_decay,
                                  seed=seed, mix=args.mix, device=args.device)
             target = data.test[0].image if args.mix != "none" else None
@@ -131,16 +192,26 @@ def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``cemnet benchmark``; returns the exit status."""
+    """Entry point of ``cemnet benchmark``; returns the exit status (2 with one message for bad data)."""
+    from cemnet.benchmarks.masks import MaskError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
-    logging.getLogger("cemnet.benchmarks").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("cemnet.benchmarks").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if args.benchmark == "list":
         return _list()
-    if args.benchmark == "info":
-        return _info(args.name)
-    data = _load(args)
+    try:
+        if args.benchmark == "info":
+            return _info(args.name)
+        data = _load(args)
+    except (FileNotFoundError, NotADirectoryError, MaskError, ValueError, KeyError) as err:
+        print(f"cemnet benchmark {args.benchmark}: {err}", file=sys.stderr)
+        return 2
     print(data.summary())
+    if data.mask_report is not None:
+        print(data.mask_report.summary())
+        for w in data.mask_report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if data.task == "instance3d":
@@ -151,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FinetuneConfig(iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop_size, max_lr=args.lr,
                          weight_decay=args.weight_decay, freeze=args.freeze, arch=args.arch, base_width=args.base_width,
                          eval_at=tuple(args.eval_at), orthoplane=args.orthoplane, device=args.device)
-    res = run_sweep(data, args.encoders, args.train_fraction, args.seeds, cfg, out)
+    res = run_sweep(data, args.encoders, args.train_fraction, args.seeds, cfg, out, overlay_count=args.overlays,
+                    overlay_images=args.overlay_images)
     print(res.table.read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in (res.csv, res.table, res.label_plot, res.iteration_plot, res.overlays) if p))
     return 0

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from cemnet.benchmarks.masks import IGNORE, MaskReport, MaskSemantics
 from cemnet.benchmarks.registry import BenchmarkEntry, get_benchmark
 
 __all__ = [
     "IGNORE", "Sample", "BenchmarkData", "LOADERS", "load_benchmark", "load_custom_2d", "load_custom_3d",
-    "apply_split", "label_fraction", "read_image", "read_mask", "read_volume",
+    "apply_split", "label_fraction", "read_image", "read_mask", "read_volume", "read_labelled_volume",
 ]
 
-IGNORE = -1
 _IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
@@ -62,6 +62,7 @@ class BenchmarkData:
     train: list[Sample]
     test: list[Sample]
     voxel_size_nm: tuple[float, float, float] | None = None
+    mask_report: MaskReport | None = None  # custom data: how mask values were read as classes
 
     @property
     def ndim(self) -> int:
@@ -413,7 +414,16 @@ def load_benchmark(name: str | BenchmarkEntry, data_dir: str | os.PathLike, spli
     """
     entry = name if isinstance(name, BenchmarkEntry) else get_benchmark(name)
     root = entry.data_dir(data_dir)
-    loaded = LOADERS[entry.loader](root, **entry.loader_kwargs)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (--data-dir of {entry.name})")
+    try:
+        loaded = LOADERS[entry.loader](root, **entry.loader_kwargs)
+    except (FileNotFoundError, StopIteration, OSError) as err:
+        raise FileNotFoundError(f"{root}: not a copy of {entry.name} ({err}); 'cemnet benchmark info {entry.name}' "
+                                "shows its layout and where to get it") from None
+    if not loaded:
+        raise FileNotFoundError(f"{root}: no {entry.name} data found; 'cemnet benchmark info {entry.name}' shows "
+                                "its layout and where to get it")
     rule = split or entry.default_split
     if isinstance(loaded, dict):
         if rule in loaded:
@@ -445,52 +455,72 @@ def _match_key(stem: str) -> str:
     return stem
 
 
-def _normalise_classes(mask: np.ndarray) -> np.ndarray:
-    # 0/255 binary masks (the common export) -> 0/1; other values are class ids as stored
-    m = np.asarray(mask)
-    if m.dtype == bool:
-        return m.astype(np.int64)
-    vals = np.unique(m)
-    if len(vals) <= 2 and vals.max(initial=0) == 255:
-        return (m > 0).astype(np.int64)
-    return m.astype(np.int64)
+def _pairs(images_dir: Path, masks_dir: Path, semantics: MaskSemantics | None = None) -> list[Sample]:
+    return _read_pairs(images_dir, masks_dir, semantics)[0]
 
 
-def _pairs(images_dir: Path, masks_dir: Path) -> list[Sample]:
-    masks = {_match_key(p.stem): p for p in _files(masks_dir)}
-    out = []
-    for img in _files(images_dir):
-        key = _match_key(img.stem)
-        if key not in masks:
-            raise FileNotFoundError(f"{img}: no mask named {key}.* (or with a _mask/_label suffix) in {masks_dir}")
-        out.append(Sample(read_image(img), _normalise_classes(read_mask(masks[key])), img.stem))
-    return out
+def _read_pairs(images_dir: Path, masks_dir: Path, semantics: MaskSemantics | None = None) -> tuple[list[Sample], MaskReport]:
+    """Images and masks matched by name (a mask may carry a ``_mask``/``_label`` suffix), the
+    masks converted to classes by ``semantics`` (default: ``auto``)."""
+    mask_files = _files(masks_dir)
+    masks: dict[str, Path] = {}
+    for p in mask_files:
+        key = _match_key(p.stem)
+        if key in masks:
+            raise ValueError(f"{p}: two masks match the image name {key!r} ({masks[key].name} and {p.name})")
+        masks[key] = p
+    images = _files(images_dir)
+    missing = [img for img in images if _match_key(img.stem) not in masks]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]}: no mask named {_match_key(missing[0].stem)}.* (or with a _mask/_label suffix) in "
+            f"{masks_dir}" + (f" ({len(missing) - 1} more images without a mask)" if len(missing) > 1 else ""))
+    pairs = [(img, masks[_match_key(img.stem)]) for img in images]
+    raw = [read_mask(m) for _, m in pairs]
+    imgs = [read_image(i) for i, _ in pairs]
+    for (i, m), im, mk in zip(pairs, imgs, raw):
+        if im.shape != mk.shape:
+            raise ValueError(f"{m}: mask shape {mk.shape} differs from its image {i.name} {im.shape}")
+    classes, report = (semantics or MaskSemantics()).apply(raw, [str(m) for _, m in pairs])
+    return [Sample(im, c, i.stem) for (i, _), im, c in zip(pairs, imgs, classes)], report
 
 
 def load_custom_2d(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, split: str | None = "z:0.8",
-                   classes: Sequence[str] | None = None, name: str = "custom") -> BenchmarkData:
+                   classes: Sequence[str] | None = None, name: str = "custom",
+                   semantics: MaskSemantics | None = None) -> BenchmarkData:
     """A custom 2D benchmark: images and masks matched by file name (a mask may carry a
-    ``_mask``/``_label`` suffix); 0/255 masks become 0/1, other values are class ids."""
-    samples = _pairs(Path(images_dir), Path(masks_dir))
+    ``_mask``/``_label`` suffix); mask values become classes by ``semantics`` (default ``auto``,
+    see :mod:`cemnet.benchmarks.masks`); ``classes`` names the classes when ``semantics`` does not."""
+    semantics = semantics or MaskSemantics(classes=classes)
+    samples, report = _read_pairs(Path(images_dir), Path(masks_dir), semantics)
     train, test = apply_split(samples, split)
-    n = int(max(s.mask.max() for s in samples))
-    cls = tuple(classes) if classes else tuple(f"class{k}" for k in range(1, max(n, 1) + 1))
-    return BenchmarkData(name, "semantic2d", cls, train, test)
+    return BenchmarkData(name, "semantic2d", report.classes, train, test, mask_report=report)
 
 
 def load_custom_3d(image: str | os.PathLike, labels: str | os.PathLike, split: str | None = "z:0.8",
                    classes: Sequence[str] | None = None, name: str = "custom", key: str | None = None,
-                   label_key: str | None = None, instance: bool = False) -> BenchmarkData:
+                   label_key: str | None = None, instance: bool = False,
+                   semantics: MaskSemantics | None = None) -> BenchmarkData:
     """A custom 3D benchmark: an image volume + a label volume in any format
-    :mod:`curation.readers` supports (folder of slices, TIFF, HDF5, zarr, MRC, NIfTI, ...)."""
-    img = read_volume(image, key=key)
-    lab = _read_mask_volume(Path(labels), key=label_key)
-    if img.shape != lab.shape:
-        raise ValueError(f"image {img.shape} and labels {lab.shape} differ in shape")
-    lab = lab.astype(np.int64) if instance else _normalise_classes(lab)
+    :mod:`curation.readers` supports (folder of slices, TIFF, HDF5, zarr, MRC, NIfTI, ...);
+    semantic labels become classes by ``semantics`` (see :func:`load_custom_2d`)."""
+    img, lab, report = read_labelled_volume(image, labels, key=key, label_key=label_key, instance=instance,
+                                            semantics=semantics or MaskSemantics(classes=classes))
     train, test = apply_split([Sample(img, lab, Path(image).stem)], split)
     if instance:
         return BenchmarkData(name, "instance3d", ("object",), train, test)
-    n = int(lab.max())
-    cls = tuple(classes) if classes else tuple(f"class{k}" for k in range(1, max(n, 1) + 1))
-    return BenchmarkData(name, "semantic3d", cls, train, test)
+    return BenchmarkData(name, "semantic3d", report.classes, train, test, mask_report=report)
+
+
+def read_labelled_volume(image: str | os.PathLike, labels: str | os.PathLike, *, key: str | None = None,
+                         label_key: str | None = None, instance: bool = False,
+                         semantics: MaskSemantics | None = None) -> tuple[np.ndarray, np.ndarray, MaskReport | None]:
+    """(image, classes or instance ids, mask report) of one labelled volume; shapes must agree."""
+    img = read_volume(image, key=key)
+    lab = _read_mask_volume(Path(labels), key=label_key)
+    if img.shape != lab.shape:
+        raise ValueError(f"{labels}: labels {lab.shape} and image {image} {img.shape} differ in shape")
+    if instance:
+        return img, lab.astype(np.int64), None
+    (lab,), report = (semantics or MaskSemantics()).apply([lab], [str(labels)])
+    return img, lab, report

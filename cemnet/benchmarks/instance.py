@@ -52,7 +52,7 @@ from cemnet.benchmarks.metrics import adapted_rand, border_mask, variation_of_in
 __all__ = [
     "affinities_from_labels", "watershed_fragments", "region_graph", "agglomerate", "instance_scores",
     "amplitude_mix", "cutmix", "InstanceConfig", "build_instance_model", "train_affinities",
-    "predict_affinities", "segment", "threshold_sweep", "evaluate_affinities", "slice_pairs", "DEFAULT_ARCH",
+    "predict_affinities", "segment", "affinity_loss_mask", "AffinityCrops", "masked_bce", "threshold_sweep", "evaluate_affinities", "slice_pairs", "DEFAULT_ARCH",
 ]
 
 log = logging.getLogger(__name__)
@@ -427,56 +427,108 @@ def _crop(vol: np.ndarray, lab: np.ndarray, size: Sequence[int], rng: np.random.
     return np.ascontiguousarray(img), np.ascontiguousarray(l)
 
 
-def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.ndarray | None = None) -> tuple[nn.Module, tuple[float, float]]:
+def affinity_loss_mask(valid: np.ndarray) -> np.ndarray:
+    """(4, ...) loss mask of the affinity + foreground targets of a crop whose labelled voxels are
+    ``valid``: an affinity counts only when both voxels it links are labelled and inside the crop.
+
+    ``aff[d, p]`` links ``p`` to ``p - e_d``: on the first plane along ``d`` that predecessor lies
+    outside the crop (its target is unknown, not 0), and next to a CutMix box it lies in the
+    pasted, unlabelled region. The foreground channel counts where ``valid``."""
+    mask = np.zeros((4, *valid.shape), bool)
+    for d in range(3):
+        cur = [slice(None)] * 3
+        prev = [slice(None)] * 3
+        cur[d], prev[d] = slice(1, None), slice(None, -1)
+        mask[(d, *cur)] = valid[tuple(cur)] & valid[tuple(prev)]
+    mask[3] = valid
+    return mask
+
+
+class AffinityCrops:
+    """Training batches of the affinity path: random crops (yx rot90/flips), optional domain
+    mixing with an unlabelled ``target`` volume, affinity + foreground targets and their loss
+    mask (:func:`affinity_loss_mask`); the 2D mode's crops become slice pairs."""
+
+    def __init__(self, train: Sequence[Sample], cfg: InstanceConfig, norm: tuple[float, float],
+                 target: np.ndarray | None = None) -> None:
+        self.train, self.cfg, self.norm, self.target = list(train), cfg, norm, target
+        self.rng = np.random.default_rng(cfg.seed)
+        # 2D mode: crops are slice pairs, converted to 2-channel images after the shared crop,
+        # augmentation, mixing and target code below
+        self.crop = (2, *cfg.crop[1:]) if cfg.mode == "2d" else tuple(cfg.crop)
+
+    def one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cfg, rng, crop, target = self.cfg, self.rng, self.crop, self.target
+        s = self.train[int(rng.integers(len(self.train)))]
+        img, lab = _crop(s.image, s.mask, crop, rng)
+        img = img.astype(np.float64)
+        if target is not None and cfg.mix in ("amplitude", "both") and rng.random() < cfg.mix_prob:
+            timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
+            img = np.clip(amplitude_mix(img, timg, cfg.mix_L), 0, 255)
+        valid = lab != IGNORE
+        if target is not None and cfg.mix in ("cutmix", "both") and rng.random() < cfg.mix_prob:
+            timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
+            img, lab = cutmix(img, lab, timg.astype(np.float64), rng)
+            valid = lab != IGNORE
+        lab = np.where(valid, lab, 0)
+        aff = affinities_from_labels(lab)
+        y = np.concatenate([aff, (lab > 0)[None].astype(np.float32)])
+        return (img / 255.0 - self.norm[0]) / self.norm[1], y, affinity_loss_mask(valid)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, ms = zip(*(self.one() for _ in range(self.cfg.batch_size)))
+        x = torch.from_numpy(np.stack(xs).astype(np.float32))[:, None]
+        y = torch.from_numpy(np.stack(ys))
+        m = torch.from_numpy(np.stack(ms).astype(np.float32))
+        if self.cfg.mode == "2d":
+            x, y, m = _as_slice_pairs(x, y, m)
+        return x, y, m
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the voxels where ``mask`` is 1 (the affinity loss)."""
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask).sum() / mask.sum().clamp(min=1)
+
+
+def instance_norm(train: Sequence[Sample]) -> tuple[float, float]:
+    """(mean, std) of the training volumes on the [0, 1] scale (the affinity path's normalisation)."""
+    vals = np.concatenate([s.image.ravel()[::97] for s in train]).astype(np.float64) / 255
+    return float(vals.mean()), float(max(vals.std(), 1e-3))
+
+
+def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.ndarray | None = None, *,
+                     evaluate: Any = None, eval_at: Sequence[int] = (), on_result: Any = None,
+                     callbacks: Sequence[Any] = (), logger: Any = False, progress: bool = False,
+                     ckpt_path: str | None = None, root_dir: str | None = None, history: list | None = None,
+                     setup: Any = None) -> tuple[nn.Module, tuple[float, float]]:
     """Train the affinity + foreground model on labelled volumes; with ``target`` (an unlabelled
     volume of the new domain) and ``cfg.mix``, crops are domain-mixed as in SegNeuron.
 
     ``cfg.mode`` picks the 3D U-Net or the 2D slice-pair one (see the module docstring); both
-    share the sampling, augmentation, mixing and loss code. Returns the model and the (mean, std)
-    input normalisation for :func:`predict_affinities`."""
+    share the sampling, augmentation, mixing and loss code (:class:`AffinityCrops`). Training runs
+    on the shared engine (:mod:`cemnet.finetune.engine`); ``evaluate(model) -> metrics`` is run
+    at ``eval_at`` steps and at the end when given, its rows appended to ``history``; the other
+    keyword arguments are those of :func:`cemnet.benchmarks.train.finetune`. Returns the model and
+    the (mean, std) input normalisation for :func:`predict_affinities`."""
+    from cemnet.finetune.engine import FinetuneModule, PeriodicEvaluation, StepHook, fit
+
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = build_instance_model(cfg).to(cfg.device)
-    # 2D mode: crops are slice pairs, converted to 2-channel images after the shared crop,
-    # augmentation, mixing and target code below
-    crop = (2, *cfg.crop[1:]) if cfg.mode == "2d" else tuple(cfg.crop)
-    vals = np.concatenate([s.image.ravel()[::97] for s in train]).astype(np.float64) / 255
-    norm = (float(vals.mean()), float(max(vals.std(), 1e-3)))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=max(cfg.iterations, 2))
+    model = build_instance_model(cfg)
+    norm = instance_norm(train)
+    if setup is not None:
+        setup(model, norm)
+    module = FinetuneModule(model, masked_bce, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
-    for it in range(cfg.iterations):
-        xs, ys, ms = [], [], []
-        for _ in range(cfg.batch_size):
-            s = train[int(rng.integers(len(train)))]
-            img, lab = _crop(s.image, s.mask, crop, rng)
-            img = img.astype(np.float64)
-            if target is not None and cfg.mix in ("amplitude", "both") and rng.random() < cfg.mix_prob:
-                timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
-                img = np.clip(amplitude_mix(img, timg, cfg.mix_L), 0, 255)
-            valid = np.ones(lab.shape, bool)
-            if target is not None and cfg.mix in ("cutmix", "both") and rng.random() < cfg.mix_prob:
-                timg, _ = _crop(target, np.zeros(target.shape, np.int64), crop, rng)
-                img, lab = cutmix(img, lab, timg.astype(np.float64), rng)
-                valid = lab != IGNORE
-                lab = np.where(valid, lab, 0)
-            aff = affinities_from_labels(lab)
-            ys.append(np.concatenate([aff, (lab > 0)[None].astype(np.float32)]))
-            ms.append(np.broadcast_to(valid, (4, *valid.shape)))
-            xs.append((img / 255.0 - norm[0]) / norm[1])
-        x = torch.from_numpy(np.stack(xs).astype(np.float32))[:, None].to(cfg.device)
-        y = torch.from_numpy(np.stack(ys)).to(cfg.device)
-        m = torch.from_numpy(np.stack(ms).astype(np.float32)).to(cfg.device)
-        if cfg.mode == "2d":
-            x, y, m = _as_slice_pairs(x, y, m)
-        model.train()
-        loss = (F.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m).sum() / m.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (it + 1) % 50 == 0:
-            log.info("affinity iteration %d loss %.4f (%.0f s)", it + 1, loss.item(), time.perf_counter() - t0)
+    hooks: list[Any] = [StepHook(lambda it, loss: (it % 50 == 0) and log.info(
+        "affinity iteration %d loss %.4f (%.0f s)", it, loss, time.perf_counter() - t0))]
+    if evaluate is not None:
+        steps = sorted({i for i in eval_at if 0 < i < cfg.iterations} | {cfg.iterations})
+        hooks.append(PeriodicEvaluation(evaluate, steps, on_result))
+    fit(module, AffinityCrops(train, cfg, norm, target), cfg.iterations, device=cfg.device,
+        callbacks=[*hooks, *callbacks], logger=logger, progress=progress, ckpt_path=ckpt_path, root_dir=root_dir)
+    if history is not None:
+        history.extend(module.history)
+    model.to(cfg.device).eval()
     return model, norm
 
 

@@ -22,12 +22,14 @@ def _plt():
 
 
 def _group(rows: Sequence[dict], x: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """encoder -> (x values, mean over seeds, std over seeds)."""
+    """encoder -> (x values, mean over seeds, sample std over seeds)."""
     out = {}
     for enc in dict.fromkeys(r["encoder"] for r in rows):
         xs = sorted({float(r[x]) for r in rows if r["encoder"] == enc})
         vals = [[float(r[metric]) for r in rows if r["encoder"] == enc and float(r[x]) == v] for v in xs]
-        out[enc] = (np.array(xs), np.array([np.nanmean(v) for v in vals]), np.array([np.nanstd(v) for v in vals]))
+        # sample std (ddof=1), as in results.md; one seed draws no error bar
+        stds = [float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0 for v in map(np.asarray, vals)]
+        out[enc] = (np.array(xs), np.array([np.nanmean(v) for v in vals]), np.array(stds))
     return out
 
 

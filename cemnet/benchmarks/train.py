@@ -8,8 +8,9 @@ CPU runs shrink iterations, batch and crop.
 
 Training is on 2D slices (3D benchmarks are cut into xy slices, plus xz/yz with
 ``orthoplane=True``); 3D test volumes are predicted slice by slice, optionally along all three
-planes with the probabilities averaged (CEM500K's orthoplane inference). A plain PyTorch loop
-(no Lightning) keeps the per-run overhead small, since a label-efficiency sweep runs dozens.
+planes with the probabilities averaged (CEM500K's orthoplane inference). The loop
+runs on the shared fine-tuning engine (:mod:`cemnet.finetune.engine`) with a bare Trainer (no
+logger, checkpoints or progress bar), so the per-run overhead stays small for sweeps of dozens.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from cemnet.benchmarks.datasets import IGNORE, BenchmarkData, Sample
 from cemnet.benchmarks.metrics import iou_2d, iou_3d, isbi_scores, precision_recall_f1
+from cemnet.finetune.engine import FinetuneModule, PeriodicEvaluation, StepHook, fit
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "build_model", "finetune", "predict", "evaluate", "set_trainable"]
 
@@ -44,7 +46,7 @@ class FinetuneConfig:
     max_lr: float = 3e-3
     weight_decay: float = 0.1
     freeze: str = "none"  # "none" | "encoder" | a stage name ("layer3"): frozen below it
-    arch: str = "resnet50"  # encoder architecture for random init
+    arch: str | None = "resnet50"  # encoder architecture for random init
     base_width: int = 256
     seed: int = 0
     eval_at: tuple[int, ...] = ()  # extra iterations to evaluate at (iteration efficiency)
@@ -82,7 +84,7 @@ def build_model(encoder: str, out_channels: int, cfg: FinetuneConfig) -> tuple[n
     from cemnet.models.unet import UNet
 
     if encoder == "random" or encoder.startswith("random:"):
-        arch = encoder.partition(":")[2] or cfg.arch
+        arch = encoder.partition(":")[2] or cfg.arch or "resnet50"
         module = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1)
         return UNet(module, out_channels, base_width=cfg.base_width), None
     model = UNet(encoder, out_channels, in_chans=1, base_width=cfg.base_width)
@@ -134,10 +136,12 @@ def training_slices(samples: Sequence[Sample], orthoplane: bool = False) -> list
 class CropSampler:
     """Random augmented crops from a list of 2D samples (numpy, seeded)."""
 
-    def __init__(self, samples: Sequence[Sample], crop: int, norm: tuple[float, float], augment: bool, seed: int) -> None:
+    def __init__(self, samples: Sequence[Sample], crop: int, norm: tuple[float, float], augment: bool, seed: int,
+                 batch_size: int = 16) -> None:
         if not samples:
             raise ValueError("no training samples")
         self.samples = list(samples)
+        self.batch_size = int(batch_size)
         self.crop, self.norm, self.augment = crop, norm, augment
         areas = np.array([s.mask.size for s in self.samples], float)
         self.p = areas / areas.sum()  # big images are sampled proportionally more often
@@ -167,8 +171,8 @@ class CropSampler:
         img = (img / 255.0 - self.norm[0]) / self.norm[1]
         return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(msk, dtype=np.int64)
 
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self._one() for _ in range(n)]
+    def batch(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._one() for _ in range(n or self.batch_size)]
         return torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None], torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
@@ -285,44 +289,48 @@ def evaluate(model: nn.Module, data: BenchmarkData, norm: tuple[float, float], c
 
 
 def finetune(data: BenchmarkData, encoder: str, cfg: FinetuneConfig, train: Sequence[Sample] | None = None,
-             callback: Callable[[int, float], None] | None = None) -> FinetuneResult:
+             callback: Callable[[int, float], None] | None = None, *, callbacks: Sequence[Any] = (),
+             logger: Any = False, progress: bool = False, ckpt_path: str | None = None,
+             on_result: Callable[..., None] | None = None, root_dir: str | None = None,
+             setup: Callable[[nn.Module, tuple[float, float]], None] | None = None) -> FinetuneResult:
     """Fine-tune on ``train`` (default ``data.train``) and evaluate on ``data.test`` at
-    ``cfg.eval_at`` iterations and at the end. Deterministic for a given seed on CPU."""
+    ``cfg.eval_at`` iterations and at the end. Deterministic for a given seed on CPU.
+
+    Runs on the shared engine (:mod:`cemnet.finetune.engine`); ``callbacks``, ``logger``,
+    ``progress``, ``ckpt_path`` (resume), ``on_result`` (called after each evaluation with the
+    row, the Lightning module and the trainer) and ``setup`` (called with the model and the input
+    normalisation before training) are how ``cemnet finetune`` adds logs, checkpoints and model
+    files; a benchmark sweep leaves them out and gets a bare, fast Trainer.
+    """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     nc = len(data.classes)
     train_samples = list(train if train is not None else data.train)
     model, norm = build_model(encoder, 1 if nc == 1 else nc + 1, cfg)
     norm = norm or dataset_norm(train_samples)
-    model.to(cfg.device)
+    if setup is not None:
+        setup(model, norm)
     frozen = set_trainable(model, cfg.freeze)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.max_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=max(cfg.iterations, 2))
     slices = training_slices(train_samples, cfg.orthoplane)
-    sampler = CropSampler(slices, cfg.crop_size, norm, cfg.augment, cfg.seed)
+    sampler = CropSampler(slices, cfg.crop_size, norm, cfg.augment, cfg.seed, batch_size=cfg.batch_size)
     loss_fn = make_loss(nc, slices, cfg.class_weights)
-    checkpoints = sorted({i for i in cfg.eval_at if 0 < i < cfg.iterations} | {cfg.iterations})
-    history: list[dict[str, Any]] = []
-    if 0 in cfg.eval_at:
-        history.append({"iteration": 0, "loss": float("nan"), **evaluate(model, data, norm, cfg)})
-    t0, running = time.perf_counter(), math.nan
-    for it in range(1, cfg.iterations + 1):
-        model.train()
-        for m in frozen:
-            m.eval()
-        x, y = sampler.batch(cfg.batch_size)
-        loss = loss_fn(model(x.to(cfg.device)), y.to(cfg.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        value = loss.item()
-        running = value if math.isnan(running) else 0.9 * running + 0.1 * value
-        if callback:
-            callback(it, value)
-        if it in checkpoints:
-            metrics = evaluate(model, data, norm, cfg)
-            history.append({"iteration": it, "loss": running, "seconds": round(time.perf_counter() - t0, 2), **metrics})
-            log.info("iteration %d: loss %.4f iou %.4f", it, running, metrics["iou"])
-    return FinetuneResult(model, history, norm)
+    module = FinetuneModule(model, loss_fn, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay, frozen=frozen)
+    steps = sorted({i for i in cfg.eval_at if 0 < i < cfg.iterations} | {cfg.iterations})
+    t0 = time.perf_counter()
+
+    def scored(m: nn.Module) -> dict[str, Any]:
+        out = evaluate(m, data, norm, cfg)
+        log.info("evaluation: iou %.4f (%.0f s)", out["iou"], time.perf_counter() - t0)
+        return {"seconds": round(time.perf_counter() - t0, 2), **out}
+
+    evaluation = PeriodicEvaluation(scored, steps, on_result)
+    extra: list[Any] = [evaluation, *callbacks]
+    if callback is not None:
+        extra.append(StepHook(callback))
+    if 0 in cfg.eval_at and ckpt_path is None:
+        model.to(cfg.device)
+        module.history.append({"iteration": 0, "loss": float("nan"), **scored(model)})
+    fit(module, sampler, cfg.iterations, device=cfg.device, callbacks=extra, logger=logger, progress=progress,
+        ckpt_path=ckpt_path, root_dir=root_dir)
+    model.to(cfg.device).eval()
+    return FinetuneResult(model, module.history, norm)

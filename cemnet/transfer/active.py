@@ -230,14 +230,42 @@ def save_head(
 
 
 def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a head saved by :func:`save_head`; returns (model in eval mode, its record)."""
+    """Rebuild a segmentation head: a ``cemnet finetune`` model file (``RUN/model.safetensors``)
+    or a file saved by :func:`save_head`; returns (model in eval mode, its record: ``encoder``,
+    ``num_classes``, ``mean``, ``std``, ``input_size``)."""
     from cemnet.models.unet import UNet
     from cemnet.transfer.embed import build_features_encoder
 
-    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such head file")
+    with open(path, "rb") as fh:
+        start = fh.read(16)
+    if not start.startswith(b"PK") and len(start) >= 9 and start[8:9] == b"{":  # safetensors: u64 length + JSON
+        return _load_model_file_head(path)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a segmentation head ({type(err).__name__}); pass a 'cemnet finetune' "
+                         "model file (RUN/model.safetensors)") from None
     if not isinstance(record, dict) or record.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: not a segmentation head saved by cemnet.transfer.active.save_head")
+        raise ValueError(f"{path}: not a segmentation head saved by cemnet.transfer.active.save_head or cemnet finetune")
     encoder = build_features_encoder(record["encoder"])
     unet = UNet(encoder, num_classes=record["num_classes"], **record["unet_kwargs"])
     unet.load_state_dict(record["state_dict"], strict=True)
     return unet.eval(), record
+
+
+def _load_model_file_head(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    from cemnet.finetune.model_file import load_model
+
+    model = load_model(path)
+    spec = model.cemnet_spec
+    if spec.task != "semantic" or spec.dims != "2d" or spec.in_chans != 1:
+        raise ValueError(f"{path}: a {spec.task} {spec.dims} model; uncertainty selection needs a semantic 2D "
+                         "model (cemnet finetune --task semantic)")
+    source = spec.encoder.get("source")
+    encoder = f"timm:{spec.arch['encoder']}" if source in (None, "random") else str(source)
+    record = {"format": "cemnet-model", "encoder": encoder, "num_classes": spec.out_channels, "mean": spec.norm[0],
+              "std": spec.norm[1], "input_size": None, "classes": spec.classes}
+    return model, record

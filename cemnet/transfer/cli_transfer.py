@@ -207,7 +207,7 @@ def select_patches(args: argparse.Namespace, log: Any = print) -> tuple[Any, np.
     if args.strategy in UNCERTAINTY_STRATEGIES and not args.head:
         raise HeadRequiredError(
             f"--strategy {args.strategy} ranks patches by the uncertainty of a trained segmentation head: "
-            "pass --head (a fine-tuned UNet saved with cemnet.transfer.active.save_head). The uncertainty "
+            "pass --head (a model made by cemnet finetune: RUN/model.safetensors). The uncertainty "
             "of an untrained head or a linear probe is not meaningful. Without a head use "
             "--strategy kcenter (needs --encoder) or random.")
     if args.strategy == "kcenter" and not (args.encoder or args.head):
@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("select", help="choose patches of the target to annotate first")
     common(s)
     s.add_argument("--encoder", help="encoder for kcenter embeddings")
-    s.add_argument("--head", help="fine-tuned segmentation head (save_head file); required for median/highest")
+    s.add_argument("--head", help="fine-tuned segmentation model: a cemnet finetune RUN/model.safetensors (or a save_head file); required for median/highest")
     s.add_argument("--budget", type=int, required=True, help="number of patches to select")
     s.add_argument("--strategy", default="median", choices=["median", "highest", "kcenter", "random"])
     s.add_argument("--uncertainty", default="entropy", choices=["entropy", "margin"])
