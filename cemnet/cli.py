@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("cemnet.finetune.cli", "train a segmentation model on your labels -> RUN/model.safetensors"),
     "benchmark": ("cemnet.benchmarks.cli", "fine-tune and evaluate on vEM benchmarks"),
     "transfer": ("cemnet.transfer.cli_transfer", "rank sources by MMD, select patches to label"),
+    "segment": ("cemnet.segment.cli", "apply a saved model to a volume of any size, block by block"),
+    "package": ("cemnet.share.cli_package", "export a saved model as a BioImage Model Zoo package"),
 }
 
 
