@@ -124,3 +124,19 @@ def test_online_probe_during_mgmr_pretraining(shared_data: Path, tmp_path: Path)
     assert sorted(int(r["step"]) for r in rows) == [0, 2, 4]  # the initialisation, every 2 steps, the end
     assert all(0.0 <= float(r["probe_iou"]) <= 1.0 and 0.0 <= float(r["probe_knn_acc"]) <= 1.0 for r in rows)
     assert (run / "probe.png").stat().st_size > 0
+
+
+def test_misconfigured_online_probe_warns_and_training_goes_on(shared_data: Path, tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from cemnet.methods.probe_callback import RepresentationProbe
+
+    probe = RepresentationProbe(every_n_steps=1, benchmark=None, images=str(tmp_path / "missing"),
+                                masks=str(tmp_path / "missing"))
+    module = torch.nn.Module()
+    module.backbone = torch.nn.Identity()
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="RepresentationProbe disabled.*missing"):
+        probe.setup(trainer, module, "fit")
+    probe._run(trainer, module)  # no probe set: nothing happens
+    assert probe.history == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,10 @@ class RepresentationProbe(pl.Callback):
             data = load_probe_data(s["benchmark"], s["data_dir"], s["images"], s["masks"], s["split"])
             self._probe_set = make_probe_set(data, self.cfg, self.seed)
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"RepresentationProbe: cannot build the probe set: {err}") from None
+            # a misconfigured instrument must not cost the pretraining run: say so once, train on
+            warnings.warn(f"RepresentationProbe disabled, cannot build the probe set: {err}", stacklevel=1)
+            self._probe_set = None
+            return
         log.info("RepresentationProbe: %s, every %d steps", self._probe_set.summary(), self.every_n_steps)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
