@@ -10,6 +10,8 @@ Examples::
     cemnet benchmark custom --image raw.h5 --labels seg.h5 --split z:0.75 --encoders random
     cemnet benchmark gala --data-dir ../shared/data --iterations 200      # instance (affinities)
     cemnet benchmark neuroproof --data-dir ../shared/data --encoders random --affinity-mode 2d
+    cemnet benchmark probe random enc.safetensors --benchmark cdeep3m_mito --data-dir ../shared/data
+    cemnet benchmark download lucchi_pp --data-dir data/lucchi_pp
 """
 
 from __future__ import annotations
@@ -191,10 +193,23 @@ def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+# `cemnet benchmark NAME ...` runs a benchmark; these names are commands with their own options
+_SUBCOMMANDS = {"probe": "cemnet.benchmarks.cli_probe", "download": "cemnet.benchmarks.cli_download"}
+
+
+def _run_subcommand(name: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(_SUBCOMMANDS[name]).main(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cemnet benchmark``; returns the exit status (2 with one message for bad data)."""
     from cemnet.benchmarks.masks import MaskError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _SUBCOMMANDS:  # commands with parsers of their own
+        return _run_subcommand(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("cemnet.benchmarks").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)

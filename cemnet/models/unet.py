@@ -10,6 +10,7 @@ resolution, then a 1x1 convolution to ``num_classes`` logits. The same class the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from cemnet.models.decoders import ReconDecoder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["UNet", "feature_spec"]
 
@@ -45,6 +48,10 @@ class UNet(nn.Module):
         in_chans, out_indices, **load_kwargs: passed to :func:`cemnet.load_encoder` when
             ``encoder`` is not a module.
         base_width, min_width: decoder widths (coarsest stage; halves each stage, floored).
+        decoder: pretrained decoder weights (an MGMR decoder file written by ``cemnet export``,
+            see :mod:`cemnet.transfer.decoder`), or ``"auto"``: the companion file of an
+            ``encoder`` export when there is one. Tensors are copied where name and shape
+            match; ``self.decoder_report`` says which (``None`` when nothing was asked).
 
     ``forward(x)`` returns ``(B, num_classes, *x.shape[2:])``.
     """
@@ -58,9 +65,11 @@ class UNet(nn.Module):
         out_indices: Sequence[int] | None = None,
         base_width: int = 256,
         min_width: int = 16,
+        decoder: str | Path | None = None,
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
+        encoder_file = None if isinstance(encoder, nn.Module) else Path(encoder)
         if not isinstance(encoder, nn.Module):
             from cemnet.transfer.load import load_encoder
 
@@ -78,6 +87,20 @@ class UNet(nn.Module):
             use_skips=True,
             activation="none",
         )
+        self.decoder_report = None
+        if decoder is not None:
+            self.decoder_report = self._load_decoder(decoder, encoder_file)
+
+    def _load_decoder(self, decoder: str | Path, encoder_file: Path | None) -> Any:
+        from cemnet.transfer.decoder import decoder_path, load_decoder
+
+        if str(decoder) == "auto":
+            if encoder_file is None or not decoder_path(encoder_file).is_file():
+                return None
+            decoder = decoder_path(encoder_file)
+        report = load_decoder(self.decoder, decoder)
+        log.info("%s", report.describe())
+        return report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)

@@ -24,14 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cemnet.transfer.decoder import decoder_path, export_decoder
     from cemnet.transfer.download import sha256_file
     from cemnet.transfer.export import export_encoder
 
     try:
         weights = export_encoder(args.source, args.out, arch=args.arch)
+        decoder = export_decoder(args.source, decoder_path(args.out))
     except (OSError, ValueError) as err:
         print(f"cemnet export: {err}", file=sys.stderr)
         return 1
     print(f"read {weights.source} as {weights.describe()}")
     print(f"wrote {args.out} (sha256 {sha256_file(args.out)})")
+    if decoder is not None:  # MGMR: the pixel decoder, for UNet(..., decoder=...)
+        print(f"wrote {decoder} (MGMR pixel decoder; sha256 {sha256_file(decoder)})")
+    elif decoder_path(args.out).is_file():  # left by an earlier export to this name: it would pair wrongly
+        decoder_path(args.out).unlink()
+        print(f"removed the stale {decoder_path(args.out)} (this checkpoint has no MGMR decoder)")
     return 0
