@@ -225,7 +225,8 @@ class Volume(abc.ABC):
         except Exception as e:  # decoder errors (truncated chunk, corrupt page ...) name the file
             from curation.remote import RemoteReadError
 
-            cause = "a chunk stayed unreadable" if isinstance(e, RemoteReadError) else "file truncated or corrupt?"
+            remote = isinstance(e, RemoteReadError) or is_url(self.path)
+            cause = "a chunk stayed unreadable" if remote else "file truncated or corrupt?"
             problem = f"read failed, {cause} ({type(e).__name__}: {e})"
             raise self._fail(problem.replace("\n", " ")) from e
         out = np.ascontiguousarray(out, dtype=self.dtype)

@@ -185,21 +185,31 @@ def test_resume_skips_finished_remote_source_without_reading_chunks(server, tmp_
     assert sum(n for p, n in server.requests.items() if "/c/" in p) == chunk_reads  # nothing re-read
 
 
-def test_transient_errors_are_retried(stores, server, tmp_path):
-    local = _curate([SourceSpec(str(stores / "vol.ome.zarr"), name="v")], tmp_path / "local")
-    for chunk in ("/vol.ome.zarr/s0/c/0/0/0", "/vol.ome.zarr/s0/c/1/1/1"):
+# chunk (z, y, x) -> its path on the server, and a metadata document, per format
+CHUNK_PATH = {"ome-zarr": lambda z, y, x: f"/vol.ome.zarr/s0/c/{z}/{y}/{x}",
+              "n5": lambda z, y, x: f"/vol.n5/em/fibsem-uint8/s0/{x}/{y}/{z}"}  # N5: x first
+METADATA_PATH = {"ome-zarr": "/vol.ome.zarr/zarr.json", "n5": "/vol.n5/em/fibsem-uint8/s0/attributes.json"}
+
+
+@pytest.mark.parametrize("fmt", ["ome-zarr", "n5"])
+def test_transient_errors_are_retried(fmt, stores, server, tmp_path):
+    rel, extra = FORMATS[fmt]
+    local = _curate([SourceSpec(str(stores / rel), name="v", **extra)], tmp_path / "local")
+    for chunk in (CHUNK_PATH[fmt](0, 0, 0), CHUNK_PATH[fmt](1, 1, 1)):
         server.faults[chunk] = ["503", "drop", "503"]
-    server.faults["/vol.ome.zarr/zarr.json"] = ["drop"]
-    remote = _curate([SourceSpec(f"{server.url}/vol.ome.zarr", name="v")], tmp_path / "remote")
+    server.faults[METADATA_PATH[fmt]] = ["drop"]
+    remote = _curate([SourceSpec(f"{server.url}/{rel}", name="v", **extra)], tmp_path / "remote")
     assert all(not plan for plan in server.faults.values())  # every fault was met, and retried past
     assert _corpus_table(local)[0]["rows"] == _corpus_table(remote)[0]["rows"]
 
 
-def test_chunk_never_answered_loses_its_range_and_the_run_goes_on(stores, server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["ome-zarr", "n5"])
+def test_chunk_never_answered_loses_its_range_and_the_run_goes_on(fmt, stores, server, tmp_path, monkeypatch):
     monkeypatch.setenv("CEMNET_REMOTE_TIMEOUT", "0.3")
     monkeypatch.setenv("CEMNET_REMOTE_RETRIES", "1")
-    server.faults["/vol.ome.zarr/s0/c/1/0/1"] = ["hang"]  # z 16-32, y 0-48, x 48-96
-    specs = [SourceSpec(f"{server.url}/vol.ome.zarr", name="v"), SourceSpec(f"{server.url}/plain.zarr", name="p")]
+    server.faults[CHUNK_PATH[fmt](1, 0, 1)] = ["hang"]  # z 16-32, y 0-48, x 48-96
+    rel, extra = FORMATS[fmt]
+    specs = [SourceSpec(f"{server.url}/{rel}", name="v", **extra), SourceSpec(f"{server.url}/plain.zarr", name="p")]
     out = _curate(specs, tmp_path / "c", patches_per_unit=9 * 20)  # 20 planes -> chunk-aligned units of 16
     index = CorpusIndex(out)
     try:
@@ -210,7 +220,7 @@ def test_chunk_never_answered_loses_its_range_and_the_run_goes_on(stores, server
         index.close()
     assert p["status"] == "done"  # the other source is unharmed
     assert v["status"] == "partial" and "unreadable" in v["error"]
-    assert [path for path, _ in skipped] == [f"{server.url}/vol.ome.zarr (xy 16-32)"]
+    assert [path for path, _ in skipped] == [f"{server.url}/{rel} (xy 16-32)"]
     assert any("a chunk stayed unreadable" in problem for _, problem in skipped)
     xy = t["slice"][(t["source"] == "v") & (t["axis"] == "xy")]
     assert set(xy.tolist()) == set(range(16))  # z 16-32 lost, never zeros; the rest is cut
@@ -319,3 +329,21 @@ def test_changed_roi_cuts_the_source_again(stores, tmp_path):
         index.close()
     assert "cut again" in row["notes"] and "reader roi" in row["notes"]
     assert json.loads(row["shape_zyx"]) == [32, 48, 96]
+
+
+def test_remote_source_whose_metadata_changed_is_cut_again(stores, tmp_path):
+    import shutil
+
+    shutil.copytree(stores / "plain.zarr", tmp_path / "site" / "plain.zarr")
+    with FolderServer(tmp_path / "site") as site:
+        spec = SourceSpec(f"{site.url}/plain.zarr", name="p")
+        _curate([spec], tmp_path / "c")
+        attrs = tmp_path / "site" / "plain.zarr" / ".zattrs"
+        attrs.write_text(json.dumps({"note": "re-exported"}))
+        _curate([spec], tmp_path / "c")
+    index = CorpusIndex(tmp_path / "c")
+    try:
+        notes = index.source("p")["notes"]
+    finally:
+        index.close()
+    assert "cut again, its files changed" in notes
