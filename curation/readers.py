@@ -1090,12 +1090,13 @@ def _zarr_metadata_files(root: Path) -> list[Path]:
     return found
 
 
-def source_files(path: str | os.PathLike) -> list[Path]:
+def source_files(path: str | os.PathLike, key: str | None = None) -> list[Path]:
     """The files whose sizes and modification times stand for a source's content (no decoding).
 
     A file (with, for a detached NRRD header, its data files: same stem, same folder); a folder
     of slices: its image files; a zarr store: its metadata files only, since listing every chunk
-    of a large store would cost minutes (so a chunk rewritten in place goes unnoticed).
+    of a large store would cost minutes (so a chunk rewritten in place goes unnoticed); an N5 or
+    precomputed folder: its ``info`` / ``attributes.json`` and those below ``key`` and its levels.
     """
     p = Path(path)
     if p.is_file():
@@ -1105,8 +1106,10 @@ def source_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if _is_zarr_dir(p):
         return _zarr_metadata_files(p)
-    if is_store_dir(p):  # N5 / precomputed: the root's and the levels' metadata documents
-        return [f for f in [p / "info", p / "attributes.json", *sorted(p.glob("*/attributes.json"))] if f.is_file()]
+    if is_store_dir(p):  # N5 / precomputed: the root's, the key's and the levels' metadata documents
+        node = p / key.strip("/") if key else p
+        found = [p / "info", p / "attributes.json", node / "attributes.json", *sorted(node.glob("*/attributes.json"))]
+        return list(dict.fromkeys(f for f in found if f.is_file()))
     if p.is_dir():
         return [p / n for n in natural_sorted(os.listdir(p))
                 if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS) and (p / n).is_file()]
@@ -1122,7 +1125,7 @@ def source_fingerprint(path: str | os.PathLike, key: str | None = None) -> str:
         return remote_fingerprint(os.fspath(path), key)
     root = Path(path)
     digest = hashlib.sha1()
-    for f in source_files(root):
+    for f in source_files(root, key):
         st = f.stat()
         rel = f.relative_to(root) if f != root and root in f.parents else f.name
         digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())

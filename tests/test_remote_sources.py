@@ -347,3 +347,14 @@ def test_remote_source_whose_metadata_changed_is_cut_again(stores, tmp_path):
     finally:
         index.close()
     assert "cut again, its files changed" in notes
+
+
+def test_local_n5_fingerprint_covers_the_levels_below_the_key(stores, tmp_path):
+    import shutil
+
+    n5 = tmp_path / "vol.n5"
+    shutil.copytree(stores / "vol.n5", n5)
+    before = source_fingerprint(n5, "em/fibsem-uint8")
+    level = n5 / "em" / "fibsem-uint8" / "s1" / "attributes.json"
+    level.write_text(level.read_text().replace('"unit": "nm"', '"unit": "um"'))
+    assert source_fingerprint(n5, "em/fibsem-uint8") != before
