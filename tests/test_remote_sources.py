@@ -358,3 +358,20 @@ def test_local_n5_fingerprint_covers_the_levels_below_the_key(stores, tmp_path):
     level = n5 / "em" / "fibsem-uint8" / "s1" / "attributes.json"
     level.write_text(level.read_text().replace('"unit": "nm"', '"unit": "um"'))
     assert source_fingerprint(n5, "em/fibsem-uint8") != before
+
+
+@pytest.mark.slow
+def test_remote_source_on_a_dask_cluster(stores, server, tmp_path):
+    """Units of a URL source run on the cluster's worker processes (which read the server
+    themselves) and give the same corpus as the local worker pool."""
+    from distributed import Client, LocalCluster
+
+    url = f"{server.url}/vol.ome.zarr"
+    local = _curate([SourceSpec(url, name="v")], tmp_path / "pool", workers=2)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        out = curate([SourceSpec(url, name="v")], tmp_path / "dask", CurateSettings(patch_size=PATCH),
+                     scheduler=cluster.scheduler_address, progress=False, report=False)
+        with Client(cluster.scheduler_address) as client:
+            ran = client.run(lambda: "curation.remote" in __import__("sys").modules)
+    assert list(ran.values()) == [True]  # the worker process opened the remote store
+    assert _corpus_table(local)[0]["rows"] == _corpus_table(out)[0]["rows"]
