@@ -825,11 +825,9 @@ class _TensorstoreArray:
 def _read_json(base: str, rel: str) -> dict | None:
     """A JSON document below a local folder or a URL; None when absent or not a JSON object."""
     if is_url(base):
-        import fsspec
+        from curation.remote import _cat, _filesystem, url_join
 
-        from curation.remote import _cat, storage_options, url_join
-
-        fs, root = fsspec.core.url_to_fs(base, **storage_options(base))
+        fs, root = _filesystem(base)
         data = _cat(fs, url_join(root, rel))
     else:
         path = Path(base, rel)

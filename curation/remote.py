@@ -17,7 +17,9 @@ Settings come from the environment so that worker processes and Dask workers see
 (default 5) and ``CEMNET_REMOTE_BACKOFF`` (first delay, seconds, default 0.5; doubled each try).
 S3 is anonymous unless credentials are configured the usual way (``AWS_ACCESS_KEY_ID``,
 ``AWS_PROFILE``, ``~/.aws/credentials``); ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` point
-it at another S3-compatible server. ``CEMNET_S3_ANON=1`` forces anonymous access.
+it at another S3-compatible server. ``CEMNET_S3_ANON=1`` forces anonymous access. ``gs://`` without
+``GOOGLE_APPLICATION_CREDENTIALS`` is read over the bucket's public HTTPS address
+(:func:`public_gcs_url`), so it needs no GCS client.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from curation.manifest import ReaderError, is_url
 __all__ = [
     "is_url", "RemoteSettings", "RemoteReadError", "ObservedStore", "open_zarr_store", "storage_options",
     "url_join", "remote_format", "remote_fingerprint", "tensorstore_kvstore", "tensorstore_context",
-    "chunk_coords",
+    "chunk_coords", "public_gcs_url",
 ]
 
 _ZARR_DOCS = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
@@ -113,9 +115,22 @@ def storage_options(url: str, settings: RemoteSettings | None = None) -> dict[st
     return {}
 
 
+def public_gcs_url(url: str) -> str:
+    """``gs://bucket/path`` without Google credentials -> the bucket's public HTTPS address
+    (``CEMNET_GCS_ENDPOINT``, default ``https://storage.googleapis.com``): public buckets (the
+    usual case for EM archives) are read anonymously over plain HTTP, with no GCS client
+    installed. Any other URL is returned as it is."""
+    if _scheme(url) not in ("gs", "gcs") or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return url
+    endpoint = os.environ.get("CEMNET_GCS_ENDPOINT", "https://storage.googleapis.com").rstrip("/")
+    return endpoint + "/" + url.split("://", 1)[1].lstrip("/")
+
+
 def _filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a URL."""
     import fsspec
 
+    url = public_gcs_url(url)
     try:
         return fsspec.core.url_to_fs(url, **storage_options(url))
     except ImportError as e:  # gs:// without gcsfs, say
@@ -245,7 +260,11 @@ def open_zarr_store(path: str) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
     if is_url(path):
-        base = FsspecStore.from_url(path, storage_options=storage_options(path), read_only=True)
+        url = public_gcs_url(path)
+        try:
+            base = FsspecStore.from_url(url, storage_options=storage_options(url), read_only=True)
+        except ImportError as e:  # gs:// with credentials but without gcsfs, say
+            raise ReaderError(path, f"no fsspec filesystem for {_scheme(url)}:// ({e}); install its package") from e
     else:
         base = LocalStore(path, read_only=True)
     return ObservedStore(base, url=path)
@@ -374,7 +393,7 @@ def remote_fingerprint(url: str, key: str | None = None) -> str:
 
 def tensorstore_kvstore(url_or_path: str) -> dict[str, Any]:
     """A tensorstore kvstore spec for a local folder or an http(s) / s3 / gs URL."""
-    url = strip_precomputed(url_or_path)
+    url = public_gcs_url(strip_precomputed(url_or_path))
     if not is_url(url):
         return {"driver": "file", "path": os.path.abspath(url)}
     parts = urllib.parse.urlsplit(url)

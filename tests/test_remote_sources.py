@@ -375,3 +375,21 @@ def test_remote_source_on_a_dask_cluster(stores, server, tmp_path):
             ran = client.run(lambda: "curation.remote" in __import__("sys").modules)
     assert list(ran.values()) == [True]  # the worker process opened the remote store
     assert _corpus_table(local)[0]["rows"] == _corpus_table(out)[0]["rows"]
+
+
+@pytest.mark.parametrize("fmt", ["ome-zarr", "n5"])
+def test_public_gs_url_is_read_over_https_without_a_gcs_client(fmt, stores, tmp_path, monkeypatch):
+    """gs://BUCKET/PATH without Google credentials is the bucket's public HTTPS address; the test
+    points that endpoint (CEMNET_GCS_ENDPOINT) at a local server holding the bucket folder."""
+    import shutil
+
+    rel, extra = FORMATS[fmt]
+    shutil.copytree(stores / rel, tmp_path / "site" / "em-bucket" / rel)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    with FolderServer(tmp_path / "site") as site:
+        monkeypatch.setenv("CEMNET_GCS_ENDPOINT", site.url)
+        with open_volume(SourceSpec(f"gs://em-bucket/{rel}", **extra)) as remote, \
+                open_volume(SourceSpec(str(stores / rel), **extra)) as local:
+            assert remote.path == f"gs://em-bucket/{rel}"
+            np.testing.assert_array_equal(remote.read(), local.read())
+        assert len(source_fingerprint(f"gs://em-bucket/{rel}", extra.get("key"))) == 16
