@@ -555,8 +555,8 @@ def extract(
             if n:
                 changed[name] = f"cut again, {why}: its {n} earlier patches were discarded"
                 tqdm.write(f"{spec.path}: {changed[name]}", file=sys.stderr)
+            index.upsert_source(name, missing_chunks=None)  # found again by the new cut
             row = index.source(name)
-            index.upsert_source(name, missing_chunks=None)
         if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
             if row.get("fingerprint") is None or row.get("cut_settings") is None:  # older corpus: baseline now
                 index.upsert_source(name, fingerprint=fingerprint, cut_settings=cut)

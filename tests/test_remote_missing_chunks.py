@@ -122,3 +122,21 @@ def test_manifest_missing_chunks_key(tmp_path):
     m.write_text("- {path: /data/a.zarr, missing_chunks: zero}\n")
     with pytest.raises(Exception, match="missing_chunks must be one of fill, error"):
         load_manifest(m)
+
+
+def test_missing_chunks_follow_a_new_cut_and_survive_a_resume(sparse_zarr, tmp_path):
+    path, vol, boxes = sparse_zarr
+
+    def recorded() -> list:
+        index = CorpusIndex(tmp_path / "c")
+        try:
+            return sorted(map(tuple, json.loads(index.source("sparse")["missing_chunks"] or "[]")))
+        finally:
+            index.close()
+
+    spec = SourceSpec(str(path), name="sparse", voxel_size=(40, 10, 10))
+    _curate([spec], tmp_path / "c")
+    _curate([spec], tmp_path / "c")  # finished: skipped, its record kept
+    assert recorded() == sorted(boxes)
+    _curate([SourceSpec(str(path), name="sparse", voxel_size=(40, 10, 10), roi=[0, 16, 0, 64, 0, 128])], tmp_path / "c")
+    assert recorded() == [(0, 8, 32, 64, 0, 64)]  # only the new cut's, in its ROI coordinates
