@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -195,6 +196,17 @@ class Volume(abc.ABC):
             if all(rel[2 * i] < rel[2 * i + 1] for i in range(3)) and tuple(rel) not in self._missing:
                 self._missing.append(tuple(rel))  # type: ignore[arg-type]
 
+    def _found_missing(self, boxes: Sequence[Sequence[int]]) -> None:
+        """Stored-volume boxes a read found absent: an error under ``missing_chunks: error``
+        (unless sampling), else recorded for :meth:`take_missing`."""
+        if not boxes:
+            return
+        if self.spec.missing_chunks == "error" and not self.tolerate_missing:
+            shown = "; ".join(_box_text(b) for b in boxes[:3]) + (" ..." if len(boxes) > 3 else "")
+            raise self._fail(f"{len(boxes)} chunk(s) missing from the store ({shown}); the manifest "
+                             "says missing_chunks: error")
+        self._note_missing(boxes)
+
     def take_missing(self) -> list[tuple[int, int, int, int, int, int]]:
         """Boxes (z0, z1, y0, y1, x0, x1; ROI coordinates) missing from the store in the reads since
         the last call; they were read as the fill value."""
@@ -346,6 +358,11 @@ class _ArrayVolume(Volume):
         if len(shape) == 5:
             return "tczyx"
         raise self._fail(f"{len(shape)}-D array (shape {shape}) is ambiguous; set `axes`")
+
+    def _zyx_box(self, spans: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+        """(z0, z1, y0, y1, x0, x1) of a box given as (start, stop) per stored axis."""
+        span = dict(zip(self._axes, spans))
+        return tuple(v for a in "zyx" for v in span.get(a, (0, 1)))
 
     def _voxel_from_axes(self, nm_by_axis: dict[str, float | None], what: str) -> None:
         """Voxel size from per-stored-axis nm values (keys are axis letters)."""
@@ -764,11 +781,7 @@ class _ZarrVolume(_ArrayVolume):
         if self._store.missing:
             boxes = self._missing_boxes(sorted(self._store.missing))
             self._store.missing.clear()
-            if self.spec.missing_chunks == "error" and not self.tolerate_missing:
-                shown = "; ".join(_box_text(b) for b in boxes[:3]) + (" ..." if len(boxes) > 3 else "")
-                raise self._fail(f"{len(boxes)} chunk(s) missing from the store ({shown}); the manifest "
-                                 "says missing_chunks: error")
-            self._note_missing(boxes)
+            self._found_missing(boxes)
         return data
 
     def _missing_boxes(self, keys: Sequence[str]) -> list[tuple[int, ...]]:
@@ -781,8 +794,7 @@ class _ZarrVolume(_ArrayVolume):
             coords = chunk_coords(key, arr.path)
             if coords is None or len(coords) != arr.ndim:
                 continue
-            span = {a: (c * g, min((c + 1) * g, n)) for a, c, g, n in zip(self._axes, coords, grid, arr.shape)}
-            boxes.append(tuple(v for a in "zyx" for v in span.get(a, (0, 1))))
+            boxes.append(self._zyx_box([(c * g, min((c + 1) * g, n)) for c, g, n in zip(coords, grid, arr.shape)]))
         return boxes
 
 
@@ -803,23 +815,51 @@ def _zarr_chunks(arr: Any) -> tuple[int, ...]:
 
 class _TensorstoreArray:
     """A tensorstore array as the lazily indexable array ``_setup_array`` expects; reads wait at
-    most the remote timeout times the tries (tensorstore retries inside)."""
+    most the remote timeout times the tries (tensorstore retries inside).
 
-    def __init__(self, store: Any) -> None:
+    Reads go through a handle that fails on absent chunks (``fill_missing_data_reads: false``);
+    when one is absent, the chunks of the region are checked one by one (``missing``: their
+    (start, stop) per stored axis) and the region is read with the fill value for them."""
+
+    def __init__(self, strict: Any, lenient: Any) -> None:
         from curation.remote import RemoteSettings
 
-        self.store, self.shape = store, tuple(int(n) for n in store.shape)
-        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        self.store, self.lenient = strict, lenient
+        self.shape = tuple(int(n) for n in strict.shape)
+        self.dtype = np.dtype(strict.dtype.numpy_dtype)
+        self.chunks = tuple(int(n) for n in strict.chunk_layout.read_chunk.shape)
+        self.origin = tuple(int(n) for n in strict.chunk_layout.grid_origin)
+        self.missing: list[list[tuple[int, int]]] = []
         s = RemoteSettings.from_env()
         self._timeout = s.timeout_s * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
 
-    def __getitem__(self, key: tuple) -> np.ndarray:
+    def _fetch(self, store: Any, key: Any) -> np.ndarray:
         from curation.remote import RemoteReadError
 
         try:
-            return np.asarray(self.store[key].read().result(timeout=self._timeout))
+            return np.asarray(store[key].read().result(timeout=self._timeout))
         except TimeoutError as e:
             raise RemoteReadError(f"no answer within {self._timeout:g} s") from e
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        try:
+            return self._fetch(self.store, key)
+        except ValueError as e:
+            if not str(e).startswith("NOT_FOUND"):
+                raise
+        spans = []  # the chunk grid cells the region touches, per axis
+        for k, n, c, o in zip(key, self.shape, self.chunks, self.origin):
+            start, stop = (k, k + 1) if isinstance(k, (int, np.integer)) else k.indices(n)[:2]
+            first, last = (start - o) // c, (stop - 1 - o) // c
+            spans.append([(max(o + i * c, 0), min(o + (i + 1) * c, n)) for i in range(first, last + 1)])
+        for cell in itertools.product(*spans):
+            try:
+                self._fetch(self.store, tuple(slice(a, b) for a, b in cell))
+            except ValueError as e:
+                if not str(e).startswith("NOT_FOUND"):
+                    raise
+                self.missing.append(list(cell))
+        return self._fetch(self.lenient, key)
 
 
 def _read_json(base: str, rel: str) -> dict | None:
@@ -852,15 +892,22 @@ class _TensorstoreVolume(_ArrayVolume):
 
         from curation.remote import tensorstore_context
 
-        # Chunks do not change during a run: no revalidation requests for cached ones.
+        # Chunks do not change during a run: no revalidation requests for cached ones. Two handles
+        # on one context (one cache): one that fails on absent chunks, one that fills them.
         spec = {**spec, "recheck_cached_data": False}
-        store = ts.open(spec, read=True, context=tensorstore_context()).result()
-        return store[ts.d[:].translate_to[0]]  # precomputed volumes may start at a voxel offset
+        handles = [ts.open({**spec, "fill_missing_data_reads": fill}, read=True, context=tensorstore_context()).result()
+                   for fill in (False, True)]
+        # precomputed volumes may start at a voxel offset
+        return _TensorstoreArray(*(h[ts.d[:].translate_to[0]] for h in handles))
 
-    def _tensorstore_chunks(self, store: Any) -> tuple[int, ...] | None:
-        with contextlib.suppress(Exception):
-            return tuple(int(n) for n in store.chunk_layout.read_chunk.shape)
-        return None
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        self._arr.missing.clear()
+        data = super()._read(z, y, x)
+        if self._arr.missing:
+            boxes = [self._zyx_box(cell) for cell in self._arr.missing]
+            self._arr.missing.clear()
+            self._found_missing(boxes)
+        return data
 
 
 class _N5Volume(_TensorstoreVolume):
@@ -895,9 +942,8 @@ class _N5Volume(_TensorstoreVolume):
                 raise self._fail(f"no N5 array and no s0..sN scale levels at {where}" + hint)
         level = self._pick_level([_n5_voxel_nm(a) for a in level_attrs])
         kv = tensorstore_kvstore(url_join(base, levels[level]) if is_url(base) else os.path.join(base, levels[level]))
-        store = self._open_tensorstore({"driver": "n5", "kvstore": kv})
-        chunks = self._tensorstore_chunks(store)
-        self._setup_array(_TensorstoreArray(store), "xyz"[: store.ndim] if store.ndim <= 3 else None, chunks=chunks)
+        arr = self._open_tensorstore({"driver": "n5", "kvstore": kv})
+        self._setup_array(arr, "xyz"[: len(arr.shape)] if len(arr.shape) <= 3 else None, chunks=arr.chunks)
         nm = _n5_voxel_nm(level_attrs[level])
         self._set_voxel_size(nm, "N5 attributes")
 
@@ -936,10 +982,9 @@ class _PrecomputedVolume(_TensorstoreVolume):
             raise self._fail("no Neuroglancer precomputed `info` with scales")
         sizes = [tuple(float(v) for v in sc.get("resolution", [])[::-1]) or None for sc in info["scales"]]
         level = self._pick_level([v if v and len(v) == 3 else None for v in sizes])
-        store = self._open_tensorstore({"driver": "neuroglancer_precomputed", "kvstore": tensorstore_kvstore(base),
-                                        "scale_index": level})
-        chunks = self._tensorstore_chunks(store)
-        self._setup_array(_TensorstoreArray(store), "xyzc", chunks=chunks)
+        arr = self._open_tensorstore({"driver": "neuroglancer_precomputed", "kvstore": tensorstore_kvstore(base),
+                                      "scale_index": level})
+        self._setup_array(arr, "xyzc", chunks=arr.chunks)
         self._set_voxel_size(sizes[level] if sizes[level] and len(sizes[level]) == 3 else None, "precomputed info")
 
 
