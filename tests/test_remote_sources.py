@@ -393,3 +393,14 @@ def test_public_gs_url_is_read_over_https_without_a_gcs_client(fmt, stores, tmp_
             assert remote.path == f"gs://em-bucket/{rel}"
             np.testing.assert_array_equal(remote.read(), local.read())
         assert len(source_fingerprint(f"gs://em-bucket/{rel}", extra.get("key"))) == 16
+
+
+def test_precomputed_scheme_prefix_and_url_names(server, crop):
+    url = f"precomputed://{server.url}/vol.precomputed/"
+    with open_volume(url) as v:
+        assert v.reader == "precomputed" and v.path == url
+        np.testing.assert_array_equal(v.read(slice(0, 2)), crop[:2])
+    assert len(source_fingerprint(url)) == 16
+    specs, _ = discover([url, "s3://bucket/a/jrc_hela-2.n5", "gs://other/a/jrc_hela-2.n5", "https://h/x/"])
+    assert [s.name for s in specs] == ["vol", "bucket_a_jrc_hela-2", "other_a_jrc_hela-2", "x"]
+    assert all(s.path.startswith(("precomputed://", "s3://", "gs://", "https://")) for s in specs)
