@@ -814,24 +814,26 @@ def _zarr_chunks(arr: Any) -> tuple[int, ...]:
 
 
 class _TensorstoreArray:
-    """A tensorstore array as the lazily indexable array ``_setup_array`` expects; reads wait at
-    most the remote timeout times the tries (tensorstore retries inside).
+    """A tensorstore array as the lazily indexable array ``_setup_array`` expects; a region read
+    waits at most three times the timeout of all tries of a request.
 
     Reads go through a handle that fails on absent chunks (``fill_missing_data_reads: false``);
     when one is absent, the chunks of the region are checked one by one (``missing``: their
     (start, stop) per stored axis) and the region is read with the fill value for them."""
 
-    def __init__(self, strict: Any, lenient: Any) -> None:
+    def __init__(self, strict: Any, lenient: Any, name: str) -> None:
         from curation.remote import RemoteSettings
 
-        self.store, self.lenient = strict, lenient
+        self.store, self.lenient, self.name = strict, lenient, name  # name: the array's location
         self.shape = tuple(int(n) for n in strict.shape)
         self.dtype = np.dtype(strict.dtype.numpy_dtype)
         self.chunks = tuple(int(n) for n in strict.chunk_layout.read_chunk.shape)
         self.origin = tuple(int(n) for n in strict.chunk_layout.grid_origin)
         self.missing: list[list[tuple[int, int]]] = []
+        # A safety net over a whole region read: tensorstore times out and retries each request
+        # itself (curation.remote.tensorstore_context); a region holds many chunks.
         s = RemoteSettings.from_env()
-        self._timeout = s.timeout_s * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
+        self._timeout = 3 * max(1.0, math.ceil(s.timeout_s)) * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
 
     def _fetch(self, store: Any, key: Any) -> np.ndarray:
         from curation.remote import RemoteReadError
@@ -841,24 +843,39 @@ class _TensorstoreArray:
         except TimeoutError as e:
             raise RemoteReadError(f"no answer within {self._timeout:g} s") from e
 
-    def __getitem__(self, key: tuple) -> np.ndarray:
-        try:
-            return self._fetch(self.store, key)
-        except ValueError as e:
-            if not str(e).startswith("NOT_FOUND"):
-                raise
-        spans = []  # the chunk grid cells the region touches, per axis
+    def _cells(self, key: tuple) -> list[tuple[tuple[int, int], ...]]:
+        """The chunk grid cells a region touches, as (start, stop) per axis."""
+        spans = []
         for k, n, c, o in zip(key, self.shape, self.chunks, self.origin):
             start, stop = (k, k + 1) if isinstance(k, (int, np.integer)) else k.indices(n)[:2]
             first, last = (start - o) // c, (stop - 1 - o) // c
             spans.append([(max(o + i * c, 0), min(o + (i + 1) * c, n)) for i in range(first, last + 1)])
-        for cell in itertools.product(*spans):
+        return list(itertools.product(*spans))
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        from curation.remote import RemoteReadError, is_unreadable, mark_unreadable
+
+        dead = [cell for cell in self._cells(key) if is_unreadable((self.name, cell))]
+        if dead:
+            raise RemoteReadError(f"chunk(s) {dead[:3]} unreadable earlier in this run (not asked again)")
+        try:
+            return self._fetch(self.store, key)
+        except (ValueError, RemoteReadError) as e:
+            failure = e
+        # A chunk is absent (NOT_FOUND) or unreadable: find which, chunk by chunk (the others are
+        # in the cache by now), to fill the absent ones and to remember the unreadable ones.
+        unreadable = False
+        for cell in self._cells(key):
             try:
                 self._fetch(self.store, tuple(slice(a, b) for a, b in cell))
-            except ValueError as e:
-                if not str(e).startswith("NOT_FOUND"):
-                    raise
-                self.missing.append(list(cell))
+            except (ValueError, RemoteReadError) as e:
+                if str(e).startswith("NOT_FOUND"):
+                    self.missing.append(list(cell))
+                else:
+                    mark_unreadable((self.name, cell))
+                    unreadable = True
+        if unreadable:
+            raise failure
         return self._fetch(self.lenient, key)
 
 
@@ -898,7 +915,7 @@ class _TensorstoreVolume(_ArrayVolume):
         handles = [ts.open({**spec, "fill_missing_data_reads": fill}, read=True, context=tensorstore_context()).result()
                    for fill in (False, True)]
         # precomputed volumes may start at a voxel offset
-        return _TensorstoreArray(*(h[ts.d[:].translate_to[0]] for h in handles))
+        return _TensorstoreArray(*(h[ts.d[:].translate_to[0]] for h in handles), name=json.dumps(spec, sort_keys=True))
 
     def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
         self._arr.missing.clear()

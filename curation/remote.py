@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -39,7 +40,7 @@ from curation.manifest import ReaderError, is_url
 __all__ = [
     "is_url", "RemoteSettings", "RemoteReadError", "ObservedStore", "open_zarr_store", "storage_options",
     "url_join", "remote_format", "remote_fingerprint", "tensorstore_kvstore", "tensorstore_context",
-    "chunk_coords", "public_gcs_url",
+    "chunk_coords", "public_gcs_url", "mark_unreadable", "is_unreadable", "forget_unreadable",
 ]
 
 _ZARR_DOCS = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
@@ -197,6 +198,34 @@ class _ChunkCache:
 
 _chunk_cache = _ChunkCache()
 
+# Chunks (URLs, or reader-specific ids) that failed every retry: later reads in this process fail
+# at once instead of waiting through the timeouts again (the uint8 fit samples up to 16 slices, and
+# neighbouring units share chunks). Forgotten when a run starts (forget_unreadable) and after
+# DEAD_FOR_S seconds (long-lived Dask workers), so a re-run asks again.
+DEAD_FOR_S = 600.0
+_dead: dict[Any, float] = {}
+
+
+def mark_unreadable(chunk: Any) -> None:
+    import time
+
+    _dead[chunk] = time.monotonic()
+
+
+def is_unreadable(chunk: Any) -> bool:
+    import time
+
+    since = _dead.get(chunk)
+    if since is not None and time.monotonic() - since > DEAD_FOR_S:
+        del _dead[chunk]
+        return False
+    return since is not None
+
+
+def forget_unreadable() -> None:
+    """Ask again for every chunk that failed before (a new run starts)."""
+    _dead.clear()
+
 
 def _is_metadata(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _ZARR_DOCS
@@ -222,11 +251,17 @@ def _make_wrapper_class() -> type:
             return type(self)(store, self.settings, self.url)
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            cache_key = url_join(self.url, key) if is_url(self.url) and byte_range is None else None
+            where = url_join(self.url, key)
+            cache_key = where if is_url(self.url) and byte_range is None else None
             if cache_key is not None and (hit := _chunk_cache.get(cache_key)) is not None:
                 return hit
-            value = await _with_retries(lambda: self._store.get(key, prototype, byte_range),
-                                        url_join(self.url, key), self.settings)
+            if is_unreadable(where):
+                raise RemoteReadError(f"{where}: unreadable earlier in this run (not asked again)")
+            try:
+                value = await _with_retries(lambda: self._store.get(key, prototype, byte_range), where, self.settings)
+            except RemoteReadError:
+                mark_unreadable(where)
+                raise
             if value is None and not _is_metadata(key):
                 self.missing.add(key)
             elif value is not None and cache_key is not None and not _is_metadata(key):
@@ -424,6 +459,12 @@ def tensorstore_context(settings: RemoteSettings | None = None) -> Any:
     import tensorstore as ts
 
     s = settings or RemoteSettings.from_env()
+    # Per-request timeouts of tensorstore's HTTP client (curl), read when it first starts in this
+    # process: a request that stalls is aborted after the timeout and retried like any failure.
+    per_try = str(max(1, math.ceil(s.timeout_s)))
+    for name, value in (("CONNECT_TIMEOUT_SECONDS", per_try), ("LOW_SPEED_TIME_SECONDS", per_try),
+                        ("LOW_SPEED_LIMIT_BYTES", "1")):
+        os.environ.setdefault(f"TENSORSTORE_CURL_{name}", value)
     limit = _chunk_cache.limit()
     key = (os.getpid(), s, limit)
     if key not in _contexts:
