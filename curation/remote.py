@@ -150,17 +150,23 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, ConnectionError, OSError))
 
 
+def _backoff(err: Exception, attempt: int, what: str, settings: RemoteSettings) -> float:
+    """Seconds to wait before try ``attempt + 2`` after ``err``; raises ``err`` when it is not
+    transient and RemoteReadError when the tries are used up."""
+    if not _transient(err):
+        raise err
+    if attempt >= settings.retries:
+        raise RemoteReadError(f"{what}: still failing after {attempt + 1} tries "
+                              f"({type(err).__name__}: {err or 'timed out'})") from err
+    return settings.backoff_s * 2**attempt
+
+
 async def _with_retries(call: Any, what: str, settings: RemoteSettings) -> Any:
     for attempt in range(settings.retries + 1):
         try:
             return await call()
-        except Exception as err:  # noqa: BLE001 - classified below
-            if not _transient(err):
-                raise
-            if attempt == settings.retries:
-                raise RemoteReadError(f"{what}: still failing after {attempt + 1} tries "
-                                      f"({type(err).__name__}: {err or 'timed out'})") from err
-            await asyncio.sleep(settings.backoff_s * 2**attempt)
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not worth a retry
+            await asyncio.sleep(_backoff(err, attempt, what, settings))
     raise AssertionError("unreachable")
 
 
@@ -330,13 +336,8 @@ def _cat(fs: Any, path: str) -> bytes | None:
             return fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except Exception as err:  # noqa: BLE001 - classified as in _with_retries
-            if not _transient(err):
-                raise
-            if attempt == settings.retries:
-                raise RemoteReadError(f"{path}: still failing after {attempt + 1} tries "
-                                      f"({type(err).__name__}: {err or 'timed out'})") from err
-            time.sleep(settings.backoff_s * 2**attempt)
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not worth a retry
+            time.sleep(_backoff(err, attempt, path, settings))
     raise AssertionError("unreachable")
 
 
