@@ -728,7 +728,7 @@ class _ZarrVolume(_ArrayVolume):
             try:  # by name first: listing members needs a store that can list (not plain HTTP)
                 node = node[key]
             except KeyError:
-                members = dict(node.members(max_depth=None))
+                members = self._members(node)
                 node = members[_pick_array(self, key, _zarr_arrays(members), "array")]
         attrs = dict(node.attrs) if isinstance(node, zarr.Group) else {}
         multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
@@ -739,10 +739,26 @@ class _ZarrVolume(_ArrayVolume):
             raise self._fail(f"scale_level {self.spec.scale_level} requested but there is no "
                              "OME multiscales metadata")
         if isinstance(node, zarr.Group):
-            members = dict(node.members(max_depth=None))
+            members = self._members(node)
             node = members[_pick_array(self, None, _zarr_arrays(members), "array")]
         self._set_array(node, None)
         self._set_voxel_size(None)
+
+    def _members(self, group: Any) -> dict:
+        """Every array and group below ``group``; a store that cannot list (most HTTP servers)
+        gets a message saying to name the array."""
+        if not is_url(self.path):
+            return dict(group.members(max_depth=None))
+        hint = "set `key` to the array to read (e.g. 's0' or 'raw')"
+        try:
+            members = dict(group.members(max_depth=None))
+        except Exception as e:  # noqa: BLE001 - listing is what failed, whatever the library says
+            raise self._fail(f"cannot list this zarr group over {self.path.split(':', 1)[0]} "
+                             f"({type(e).__name__}); {hint}") from e
+        if not members:  # a server without directory listings answers an empty one
+            raise self._fail(f"cannot list this zarr group over {self.path.split(':', 1)[0]} (the server lists "
+                             f"nothing in it); {hint}")
+        return members
 
     def _set_array(self, arr: Any, axes: str | None) -> None:
         self._zarr_array = arr

@@ -419,3 +419,19 @@ def test_precomputed_scheme_prefix_and_url_names(server, crop):
     specs, _ = discover([url, "s3://bucket/a/jrc_hela-2.n5", "gs://other/a/jrc_hela-2.n5", "https://h/x/"])
     assert [s.name for s in specs] == ["vol", "bucket_a_jrc_hela-2", "other_a_jrc_hela-2", "x"]
     assert all(s.path.startswith(("precomputed://", "s3://", "gs://", "https://")) for s in specs)
+
+
+def test_unlistable_zarr_group_asks_for_the_key(tmp_path):
+    """Over a server without directory listings a zarr group cannot be searched for its array:
+    one message saying to name it; with `key` it is read."""
+    import zarr
+
+    g = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
+    g.create_array("raw", shape=(2, 64, 64), chunks=(1, 32, 32), dtype="uint8")[...] = 9
+    with FolderServer(tmp_path) as site:
+        site.faults["/g.zarr/"] = ["404"]
+        site.faults["/g.zarr"] = ["404"]
+        with pytest.raises(Exception, match="cannot list this zarr group over http .*set `key`"):
+            open_volume(f"{site.url}/g.zarr")
+        with open_volume(SourceSpec(f"{site.url}/g.zarr", key="raw")) as v:
+            assert v.shape == (2, 64, 64) and (v.read() == 9).all()
