@@ -55,6 +55,12 @@ def _write_stores(vol: np.ndarray, root: Path) -> None:
         "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
         "datasets": [{"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": [10.0 * 2**k] * 3}]}
                      for k in range(len(levels))]}]}
+    g4 = zarr.open_group(root / "v04.ome.zarr", mode="w", zarr_format=2)  # OME-Zarr 0.4: zarr v2, .zattrs
+    for k, a in enumerate(levels):
+        g4.create_array(str(k), shape=a.shape, chunks=CHUNKS, dtype="uint8")[...] = a
+    g4.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+                                "datasets": [{"path": str(k), "coordinateTransformations": [
+                                    {"type": "scale", "scale": [0.01 * 2**k] * 3}]} for k in range(len(levels))]}]
     plain = zarr.create_array(root / "plain.zarr", shape=vol.shape, chunks=CHUNKS, dtype="uint8", zarr_format=2)
     plain[...] = vol
     n5 = root / "vol.n5"
@@ -92,6 +98,7 @@ def server(stores: Path):
 # (name in the folder, extra spec fields) of each format
 FORMATS = {
     "ome-zarr": ("vol.ome.zarr", {}),
+    "ome-zarr-0.4": ("v04.ome.zarr", {}),
     "zarr-v2": ("plain.zarr", {"voxel_size": (10, 10, 10)}),
     "n5": ("vol.n5", {"key": "em/fibsem-uint8"}),
     "precomputed": ("vol.precomputed", {}),
