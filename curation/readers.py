@@ -6,6 +6,8 @@ that decodes only what a sub-range needs (memory maps, HDF5/zarr chunks, TIFF pa
 video frames). Array formats share :class:`_ArrayVolume`, which maps the stored axis order
 (``tczyxs``) to (z, y, x), picks a channel, drops singleton t/c axes and turns RGB(A) into grey.
 ``discover`` expands folders into sources; ``describe`` summarises a volume for reports.
+A source may be a URL (``http(s)://``, ``s3://``, ``gs://``; see :mod:`curation.remote`) for zarr,
+OME-Zarr, N5 and Neuroglancer precomputed; a manifest ``roi`` narrows any volume to a box.
 Bad input raises :class:`ReaderError` (``"{path}: {problem}"``). See ``docs/readers.md``.
 """
 
