@@ -224,7 +224,8 @@ def default_name(path: str | os.PathLike) -> str:
     """Name derived from the file/folder name, without (compound) extension."""
     if is_url(os.fspath(path)):
         base = (url_parts(os.fspath(path)) or ("source",))[-1]
-        return safe_name(_COMPOUND.sub("", base) or base)
+        stem = re.sub(r"\.precomputed$", "", base, flags=re.IGNORECASE)
+        return safe_name(_COMPOUND.sub("", stem) or stem)
     base = os.path.basename(os.path.normpath(os.fspath(path)))
     stem = _COMPOUND.sub("", base) if not os.path.isdir(path) or base.lower().endswith(".zarr") else base
     return safe_name(stem or base)
@@ -242,7 +243,9 @@ def assign_names(specs: Iterable[SourceSpec]) -> list[SourceSpec]:
     if dupes:
         raise ValueError(f"duplicate source name(s) {dupes}")
     todo = [i for i, s in enumerate(specs) if not s.name]
-    parts = {i: url_parts(specs[i].path)[:-1] if is_url(specs[i].path)
+    # a URL's host and folders play the part of a path's folders (the first entry, like a path's
+    # root, is never prepended)
+    parts = {i: ("url",) + url_parts(specs[i].path)[:-1] if is_url(specs[i].path)
              else Path(os.path.normpath(os.path.abspath(specs[i].path))).parts[:-1] for i in todo}
     depth = {i: 0 for i in todo}
     names = {i: default_name(specs[i].path) for i in todo}

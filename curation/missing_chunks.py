@@ -1,4 +1,4 @@
-"""Chunks absent from a zarr store: read as the fill value (zarr's rule, legitimate for sparse
+"""Chunks absent from a zarr / N5 / precomputed store: read as the fill value (zarr's rule, legitimate for sparse
 volumes such as the regions outside the sample in public FIB-SEM stores), but never taken for data.
 
 Readers report the boxes they found missing (:meth:`curation.readers.Volume.take_missing`); the

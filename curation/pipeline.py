@@ -49,6 +49,7 @@ from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
 from curation.missing_chunks import label_missing_chunk_patches, record_missing_chunks
 from curation.readers import ReaderError, source_fingerprint
+from curation.remote import forget_unreadable
 from curation.remote_sampling import expand_sampled
 
 
@@ -688,8 +689,8 @@ def extract(
             if n:
                 changed[name] = f"cut again, {why}: its {n} earlier patches were discarded"
                 tqdm.write(f"{spec.path}: {changed[name]}", file=sys.stderr)
+            index.upsert_source(name, missing_chunks=None)  # found again by the new cut
             row = index.source(name)
-            index.upsert_source(name, missing_chunks=None)
         if row is not None and row["status"] == "done" and index.done_tasks(name) == index.all_tasks(name):
             if row.get("fingerprint") is None or row.get("cut_settings") is None:  # older corpus: baseline now
                 index.upsert_source(name, fingerprint=fingerprint, cut_settings=cut)
@@ -747,6 +748,9 @@ def extract(
         crossing = "; xz / yz patches crossing those z-ranges are left out" if bad_z.get(name) else ""
         if missing.get(name):
             record_missing_chunks(index, name, sorted(missing[name]))
+        if bad_z.get(name):  # its xz / yz units were cut around lost z-ranges: a re-run cuts them whole again
+            with index.write():
+                index.db.execute("DELETE FROM tasks WHERE source=? AND (key LIKE 'xz-%' OR key LIKE 'yz-%')", (name,))
         index.upsert_source(
             name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - t_source[name],
             error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
@@ -1050,6 +1054,7 @@ def curate(
         curation.corpus.CorpusLockedError: another run (or open ``CorpusIndex``) is writing ``out``.
     """
     settings = settings or CurateSettings()
+    forget_unreadable()  # remote chunks that failed in an earlier run in this process are asked again
     specs = expand_sampled(specs, settings)  # sampling budgets -> chunk-aligned blocks, each a source
     index = CorpusIndex(out, settings.to_json())  # holds the corpus lock until closed
     restore = _interrupt_on_termination()

@@ -6,6 +6,8 @@ that decodes only what a sub-range needs (memory maps, HDF5/zarr chunks, TIFF pa
 video frames). Array formats share :class:`_ArrayVolume`, which maps the stored axis order
 (``tczyxs``) to (z, y, x), picks a channel, drops singleton t/c axes and turns RGB(A) into grey.
 ``discover`` expands folders into sources; ``describe`` summarises a volume for reports.
+A source may be a URL (``http(s)://``, ``s3://``, ``gs://``; see :mod:`curation.remote`) for zarr,
+OME-Zarr, N5 and Neuroglancer precomputed; a manifest ``roi`` narrows any volume to a box.
 Bad input raises :class:`ReaderError` (``"{path}: {problem}"``). See ``docs/readers.md``.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -195,6 +198,17 @@ class Volume(abc.ABC):
             if all(rel[2 * i] < rel[2 * i + 1] for i in range(3)) and tuple(rel) not in self._missing:
                 self._missing.append(tuple(rel))  # type: ignore[arg-type]
 
+    def _found_missing(self, boxes: Sequence[Sequence[int]]) -> None:
+        """Stored-volume boxes a read found absent: an error under ``missing_chunks: error``
+        (unless sampling), else recorded for :meth:`take_missing`."""
+        if not boxes:
+            return
+        if self.spec.missing_chunks == "error" and not self.tolerate_missing:
+            shown = "; ".join(_box_text(b) for b in boxes[:3]) + (" ..." if len(boxes) > 3 else "")
+            raise self._fail(f"{len(boxes)} chunk(s) missing from the store ({shown}); the manifest "
+                             "says missing_chunks: error")
+        self._note_missing(boxes)
+
     def take_missing(self) -> list[tuple[int, int, int, int, int, int]]:
         """Boxes (z0, z1, y0, y1, x0, x1; ROI coordinates) missing from the store in the reads since
         the last call; they were read as the fill value."""
@@ -225,7 +239,8 @@ class Volume(abc.ABC):
         except Exception as e:  # decoder errors (truncated chunk, corrupt page ...) name the file
             from curation.remote import RemoteReadError
 
-            cause = "a chunk stayed unreadable" if isinstance(e, RemoteReadError) else "file truncated or corrupt?"
+            remote = isinstance(e, RemoteReadError) or is_url(self.path)
+            cause = "a chunk stayed unreadable" if remote else "file truncated or corrupt?"
             problem = f"read failed, {cause} ({type(e).__name__}: {e})"
             raise self._fail(problem.replace("\n", " ")) from e
         out = np.ascontiguousarray(out, dtype=self.dtype)
@@ -345,6 +360,11 @@ class _ArrayVolume(Volume):
         if len(shape) == 5:
             return "tczyx"
         raise self._fail(f"{len(shape)}-D array (shape {shape}) is ambiguous; set `axes`")
+
+    def _zyx_box(self, spans: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+        """(z0, z1, y0, y1, x0, x1) of a box given as (start, stop) per stored axis."""
+        span = dict(zip(self._axes, spans))
+        return tuple(v for a in "zyx" for v in span.get(a, (0, 1)))
 
     def _voxel_from_axes(self, nm_by_axis: dict[str, float | None], what: str) -> None:
         """Voxel size from per-stored-axis nm values (keys are axis letters)."""
@@ -710,7 +730,7 @@ class _ZarrVolume(_ArrayVolume):
             try:  # by name first: listing members needs a store that can list (not plain HTTP)
                 node = node[key]
             except KeyError:
-                members = dict(node.members(max_depth=None))
+                members = self._members(node)
                 node = members[_pick_array(self, key, _zarr_arrays(members), "array")]
         attrs = dict(node.attrs) if isinstance(node, zarr.Group) else {}
         multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
@@ -721,10 +741,26 @@ class _ZarrVolume(_ArrayVolume):
             raise self._fail(f"scale_level {self.spec.scale_level} requested but there is no "
                              "OME multiscales metadata")
         if isinstance(node, zarr.Group):
-            members = dict(node.members(max_depth=None))
+            members = self._members(node)
             node = members[_pick_array(self, None, _zarr_arrays(members), "array")]
         self._set_array(node, None)
         self._set_voxel_size(None)
+
+    def _members(self, group: Any) -> dict:
+        """Every array and group below ``group``; a store that cannot list (most HTTP servers)
+        gets a message saying to name the array."""
+        if not is_url(self.path):
+            return dict(group.members(max_depth=None))
+        hint = "set `key` to the array to read (e.g. 's0' or 'raw')"
+        try:
+            members = dict(group.members(max_depth=None))
+        except Exception as e:  # noqa: BLE001 - listing is what failed, whatever the library says
+            raise self._fail(f"cannot list this zarr group over {self.path.split(':', 1)[0]} "
+                             f"({type(e).__name__}); {hint}") from e
+        if not members:  # a server without directory listings answers an empty one
+            raise self._fail(f"cannot list this zarr group over {self.path.split(':', 1)[0]} (the server lists "
+                             f"nothing in it); {hint}")
+        return members
 
     def _set_array(self, arr: Any, axes: str | None) -> None:
         self._zarr_array = arr
@@ -763,11 +799,7 @@ class _ZarrVolume(_ArrayVolume):
         if self._store.missing:
             boxes = self._missing_boxes(sorted(self._store.missing))
             self._store.missing.clear()
-            if self.spec.missing_chunks == "error" and not self.tolerate_missing:
-                shown = "; ".join(_box_text(b) for b in boxes[:3]) + (" ..." if len(boxes) > 3 else "")
-                raise self._fail(f"{len(boxes)} chunk(s) missing from the store ({shown}); the manifest "
-                                 "says missing_chunks: error")
-            self._note_missing(boxes)
+            self._found_missing(boxes)
         return data
 
     def _missing_boxes(self, keys: Sequence[str]) -> list[tuple[int, ...]]:
@@ -780,8 +812,7 @@ class _ZarrVolume(_ArrayVolume):
             coords = chunk_coords(key, arr.path)
             if coords is None or len(coords) != arr.ndim:
                 continue
-            span = {a: (c * g, min((c + 1) * g, n)) for a, c, g, n in zip(self._axes, coords, grid, arr.shape)}
-            boxes.append(tuple(v for a in "zyx" for v in span.get(a, (0, 1))))
+            boxes.append(self._zyx_box([(c * g, min((c + 1) * g, n)) for c, g, n in zip(coords, grid, arr.shape)]))
         return boxes
 
 
@@ -801,34 +832,77 @@ def _zarr_chunks(arr: Any) -> tuple[int, ...]:
 
 
 class _TensorstoreArray:
-    """A tensorstore array as the lazily indexable array ``_setup_array`` expects; reads wait at
-    most the remote timeout times the tries (tensorstore retries inside)."""
+    """A tensorstore array as the lazily indexable array ``_setup_array`` expects; a region read
+    waits at most three times the timeout of all tries of a request.
 
-    def __init__(self, store: Any) -> None:
+    Reads go through a handle that fails on absent chunks (``fill_missing_data_reads: false``);
+    when one is absent, the chunks of the region are checked one by one (``missing``: their
+    (start, stop) per stored axis) and the region is read with the fill value for them."""
+
+    def __init__(self, strict: Any, lenient: Any, name: str) -> None:
         from curation.remote import RemoteSettings
 
-        self.store, self.shape = store, tuple(int(n) for n in store.shape)
-        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        self.store, self.lenient, self.name = strict, lenient, name  # name: the array's location
+        self.shape = tuple(int(n) for n in strict.shape)
+        self.dtype = np.dtype(strict.dtype.numpy_dtype)
+        self.chunks = tuple(int(n) for n in strict.chunk_layout.read_chunk.shape)
+        self.origin = tuple(int(n) for n in strict.chunk_layout.grid_origin)
+        self.missing: list[list[tuple[int, int]]] = []
+        # A safety net over a whole region read: tensorstore times out and retries each request
+        # itself (curation.remote.tensorstore_context); a region holds many chunks.
         s = RemoteSettings.from_env()
-        self._timeout = s.timeout_s * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
+        self._timeout = 3 * max(1.0, math.ceil(s.timeout_s)) * (s.retries + 1) + s.backoff_s * 2 ** (s.retries + 1)
 
-    def __getitem__(self, key: tuple) -> np.ndarray:
+    def _fetch(self, store: Any, key: Any) -> np.ndarray:
         from curation.remote import RemoteReadError
 
         try:
-            return np.asarray(self.store[key].read().result(timeout=self._timeout))
+            return np.asarray(store[key].read().result(timeout=self._timeout))
         except TimeoutError as e:
             raise RemoteReadError(f"no answer within {self._timeout:g} s") from e
+
+    def _cells(self, key: tuple) -> list[tuple[tuple[int, int], ...]]:
+        """The chunk grid cells a region touches, as (start, stop) per axis."""
+        spans = []
+        for k, n, c, o in zip(key, self.shape, self.chunks, self.origin):
+            start, stop = (k, k + 1) if isinstance(k, (int, np.integer)) else k.indices(n)[:2]
+            first, last = (start - o) // c, (stop - 1 - o) // c
+            spans.append([(max(o + i * c, 0), min(o + (i + 1) * c, n)) for i in range(first, last + 1)])
+        return list(itertools.product(*spans))
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        from curation.remote import RemoteReadError, is_unreadable, mark_unreadable
+
+        dead = [cell for cell in self._cells(key) if is_unreadable((self.name, cell))]
+        if dead:
+            raise RemoteReadError(f"chunk(s) {dead[:3]} unreadable earlier in this run (not asked again)")
+        try:
+            return self._fetch(self.store, key)
+        except (ValueError, RemoteReadError) as e:
+            failure = e
+        # A chunk is absent (NOT_FOUND) or unreadable: find which, chunk by chunk (the others are
+        # in the cache by now), to fill the absent ones and to remember the unreadable ones.
+        unreadable = False
+        for cell in self._cells(key):
+            try:
+                self._fetch(self.store, tuple(slice(a, b) for a, b in cell))
+            except (ValueError, RemoteReadError) as e:
+                if str(e).startswith("NOT_FOUND"):
+                    self.missing.append(list(cell))
+                else:
+                    mark_unreadable((self.name, cell))
+                    unreadable = True
+        if unreadable:
+            raise failure
+        return self._fetch(self.lenient, key)
 
 
 def _read_json(base: str, rel: str) -> dict | None:
     """A JSON document below a local folder or a URL; None when absent or not a JSON object."""
     if is_url(base):
-        import fsspec
+        from curation.remote import _cat, _filesystem, url_join
 
-        from curation.remote import _cat, storage_options, url_join
-
-        fs, root = fsspec.core.url_to_fs(base, **storage_options(base))
+        fs, root = _filesystem(base)
         data = _cat(fs, url_join(root, rel))
     else:
         path = Path(base, rel)
@@ -853,15 +927,22 @@ class _TensorstoreVolume(_ArrayVolume):
 
         from curation.remote import tensorstore_context
 
-        # Chunks do not change during a run: no revalidation requests for cached ones.
+        # Chunks do not change during a run: no revalidation requests for cached ones. Two handles
+        # on one context (one cache): one that fails on absent chunks, one that fills them.
         spec = {**spec, "recheck_cached_data": False}
-        store = ts.open(spec, read=True, context=tensorstore_context()).result()
-        return store[ts.d[:].translate_to[0]]  # precomputed volumes may start at a voxel offset
+        handles = [ts.open({**spec, "fill_missing_data_reads": fill}, read=True, context=tensorstore_context()).result()
+                   for fill in (False, True)]
+        # precomputed volumes may start at a voxel offset
+        return _TensorstoreArray(*(h[ts.d[:].translate_to[0]] for h in handles), name=json.dumps(spec, sort_keys=True))
 
-    def _tensorstore_chunks(self, store: Any) -> tuple[int, ...] | None:
-        with contextlib.suppress(Exception):
-            return tuple(int(n) for n in store.chunk_layout.read_chunk.shape)
-        return None
+    def _read(self, z: slice, y: slice, x: slice) -> np.ndarray:
+        self._arr.missing.clear()
+        data = super()._read(z, y, x)
+        if self._arr.missing:
+            boxes = [self._zyx_box(cell) for cell in self._arr.missing]
+            self._arr.missing.clear()
+            self._found_missing(boxes)
+        return data
 
 
 class _N5Volume(_TensorstoreVolume):
@@ -896,9 +977,8 @@ class _N5Volume(_TensorstoreVolume):
                 raise self._fail(f"no N5 array and no s0..sN scale levels at {where}" + hint)
         level = self._pick_level([_n5_voxel_nm(a) for a in level_attrs])
         kv = tensorstore_kvstore(url_join(base, levels[level]) if is_url(base) else os.path.join(base, levels[level]))
-        store = self._open_tensorstore({"driver": "n5", "kvstore": kv})
-        chunks = self._tensorstore_chunks(store)
-        self._setup_array(_TensorstoreArray(store), "xyz"[: store.ndim] if store.ndim <= 3 else None, chunks=chunks)
+        arr = self._open_tensorstore({"driver": "n5", "kvstore": kv})
+        self._setup_array(arr, "xyz"[: len(arr.shape)] if len(arr.shape) <= 3 else None, chunks=arr.chunks)
         nm = _n5_voxel_nm(level_attrs[level])
         self._set_voxel_size(nm, "N5 attributes")
 
@@ -937,10 +1017,9 @@ class _PrecomputedVolume(_TensorstoreVolume):
             raise self._fail("no Neuroglancer precomputed `info` with scales")
         sizes = [tuple(float(v) for v in sc.get("resolution", [])[::-1]) or None for sc in info["scales"]]
         level = self._pick_level([v if v and len(v) == 3 else None for v in sizes])
-        store = self._open_tensorstore({"driver": "neuroglancer_precomputed", "kvstore": tensorstore_kvstore(base),
-                                        "scale_index": level})
-        chunks = self._tensorstore_chunks(store)
-        self._setup_array(_TensorstoreArray(store), "xyzc", chunks=chunks)
+        arr = self._open_tensorstore({"driver": "neuroglancer_precomputed", "kvstore": tensorstore_kvstore(base),
+                                      "scale_index": level})
+        self._setup_array(arr, "xyzc", chunks=arr.chunks)
         self._set_voxel_size(sizes[level] if sizes[level] and len(sizes[level]) == 3 else None, "precomputed info")
 
 
@@ -1089,12 +1168,13 @@ def _zarr_metadata_files(root: Path) -> list[Path]:
     return found
 
 
-def source_files(path: str | os.PathLike) -> list[Path]:
+def source_files(path: str | os.PathLike, key: str | None = None) -> list[Path]:
     """The files whose sizes and modification times stand for a source's content (no decoding).
 
     A file (with, for a detached NRRD header, its data files: same stem, same folder); a folder
     of slices: its image files; a zarr store: its metadata files only, since listing every chunk
-    of a large store would cost minutes (so a chunk rewritten in place goes unnoticed).
+    of a large store would cost minutes (so a chunk rewritten in place goes unnoticed); an N5 or
+    precomputed folder: its ``info`` / ``attributes.json`` and those below ``key`` and its levels.
     """
     p = Path(path)
     if p.is_file():
@@ -1104,8 +1184,10 @@ def source_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if _is_zarr_dir(p):
         return _zarr_metadata_files(p)
-    if is_store_dir(p):  # N5 / precomputed: the root's and the levels' metadata documents
-        return [f for f in [p / "info", p / "attributes.json", *sorted(p.glob("*/attributes.json"))] if f.is_file()]
+    if is_store_dir(p):  # N5 / precomputed: the root's, the key's and the levels' metadata documents
+        node = p / key.strip("/") if key else p
+        found = [p / "info", p / "attributes.json", node / "attributes.json", *sorted(node.glob("*/attributes.json"))]
+        return list(dict.fromkeys(f for f in found if f.is_file()))
     if p.is_dir():
         return [p / n for n in natural_sorted(os.listdir(p))
                 if not n.startswith(".") and n.lower().endswith(IMAGE_EXTS) and (p / n).is_file()]
@@ -1121,7 +1203,7 @@ def source_fingerprint(path: str | os.PathLike, key: str | None = None) -> str:
         return remote_fingerprint(os.fspath(path), key)
     root = Path(path)
     digest = hashlib.sha1()
-    for f in source_files(root):
+    for f in source_files(root, key):
         st = f.stat()
         rel = f.relative_to(root) if f != root and root in f.parents else f.name
         digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())

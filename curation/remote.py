@@ -17,7 +17,9 @@ Settings come from the environment so that worker processes and Dask workers see
 (default 5) and ``CEMNET_REMOTE_BACKOFF`` (first delay, seconds, default 0.5; doubled each try).
 S3 is anonymous unless credentials are configured the usual way (``AWS_ACCESS_KEY_ID``,
 ``AWS_PROFILE``, ``~/.aws/credentials``); ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` point
-it at another S3-compatible server. ``CEMNET_S3_ANON=1`` forces anonymous access.
+it at another S3-compatible server. ``CEMNET_S3_ANON=1`` forces anonymous access. ``gs://`` without
+``GOOGLE_APPLICATION_CREDENTIALS`` is read over the bucket's public HTTPS address
+(:func:`public_gcs_url`), so it needs no GCS client.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -37,7 +40,7 @@ from curation.manifest import ReaderError, is_url
 __all__ = [
     "is_url", "RemoteSettings", "RemoteReadError", "ObservedStore", "open_zarr_store", "storage_options",
     "url_join", "remote_format", "remote_fingerprint", "tensorstore_kvstore", "tensorstore_context",
-    "chunk_coords",
+    "chunk_coords", "public_gcs_url", "mark_unreadable", "is_unreadable", "forget_unreadable",
 ]
 
 _ZARR_DOCS = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
@@ -113,9 +116,22 @@ def storage_options(url: str, settings: RemoteSettings | None = None) -> dict[st
     return {}
 
 
+def public_gcs_url(url: str) -> str:
+    """``gs://bucket/path`` without Google credentials -> the bucket's public HTTPS address
+    (``CEMNET_GCS_ENDPOINT``, default ``https://storage.googleapis.com``): public buckets (the
+    usual case for EM archives) are read anonymously over plain HTTP, with no GCS client
+    installed. Any other URL is returned as it is."""
+    if _scheme(url) not in ("gs", "gcs") or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return url
+    endpoint = os.environ.get("CEMNET_GCS_ENDPOINT", "https://storage.googleapis.com").rstrip("/")
+    return endpoint + "/" + url.split("://", 1)[1].lstrip("/")
+
+
 def _filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a URL."""
     import fsspec
 
+    url = public_gcs_url(url)
     try:
         return fsspec.core.url_to_fs(url, **storage_options(url))
     except ImportError as e:  # gs:// without gcsfs, say
@@ -134,17 +150,23 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, ConnectionError, OSError))
 
 
+def _backoff(err: Exception, attempt: int, what: str, settings: RemoteSettings) -> float:
+    """Seconds to wait before try ``attempt + 2`` after ``err``; raises ``err`` when it is not
+    transient and RemoteReadError when the tries are used up."""
+    if not _transient(err):
+        raise err
+    if attempt >= settings.retries:
+        raise RemoteReadError(f"{what}: still failing after {attempt + 1} tries "
+                              f"({type(err).__name__}: {err or 'timed out'})") from err
+    return settings.backoff_s * 2**attempt
+
+
 async def _with_retries(call: Any, what: str, settings: RemoteSettings) -> Any:
     for attempt in range(settings.retries + 1):
         try:
             return await call()
-        except Exception as err:  # noqa: BLE001 - classified below
-            if not _transient(err):
-                raise
-            if attempt == settings.retries:
-                raise RemoteReadError(f"{what}: still failing after {attempt + 1} tries "
-                                      f"({type(err).__name__}: {err or 'timed out'})") from err
-            await asyncio.sleep(settings.backoff_s * 2**attempt)
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not worth a retry
+            await asyncio.sleep(_backoff(err, attempt, what, settings))
     raise AssertionError("unreachable")
 
 
@@ -182,6 +204,34 @@ class _ChunkCache:
 
 _chunk_cache = _ChunkCache()
 
+# Chunks (URLs, or reader-specific ids) that failed every retry: later reads in this process fail
+# at once instead of waiting through the timeouts again (the uint8 fit samples up to 16 slices, and
+# neighbouring units share chunks). Forgotten when a run starts (forget_unreadable) and after
+# DEAD_FOR_S seconds (long-lived Dask workers), so a re-run asks again.
+DEAD_FOR_S = 600.0
+_dead: dict[Any, float] = {}
+
+
+def mark_unreadable(chunk: Any) -> None:
+    import time
+
+    _dead[chunk] = time.monotonic()
+
+
+def is_unreadable(chunk: Any) -> bool:
+    import time
+
+    since = _dead.get(chunk)
+    if since is not None and time.monotonic() - since > DEAD_FOR_S:
+        del _dead[chunk]
+        return False
+    return since is not None
+
+
+def forget_unreadable() -> None:
+    """Ask again for every chunk that failed before (a new run starts)."""
+    _dead.clear()
+
 
 def _is_metadata(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _ZARR_DOCS
@@ -207,11 +257,17 @@ def _make_wrapper_class() -> type:
             return type(self)(store, self.settings, self.url)
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            cache_key = url_join(self.url, key) if is_url(self.url) and byte_range is None else None
+            where = url_join(self.url, key)
+            cache_key = where if is_url(self.url) and byte_range is None else None
             if cache_key is not None and (hit := _chunk_cache.get(cache_key)) is not None:
                 return hit
-            value = await _with_retries(lambda: self._store.get(key, prototype, byte_range),
-                                        url_join(self.url, key), self.settings)
+            if is_unreadable(where):
+                raise RemoteReadError(f"{where}: unreadable earlier in this run (not asked again)")
+            try:
+                value = await _with_retries(lambda: self._store.get(key, prototype, byte_range), where, self.settings)
+            except RemoteReadError:
+                mark_unreadable(where)
+                raise
             if value is None and not _is_metadata(key):
                 self.missing.add(key)
             elif value is not None and cache_key is not None and not _is_metadata(key):
@@ -245,7 +301,11 @@ def open_zarr_store(path: str) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
     if is_url(path):
-        base = FsspecStore.from_url(path, storage_options=storage_options(path), read_only=True)
+        url = public_gcs_url(path)
+        try:
+            base = FsspecStore.from_url(url, storage_options=storage_options(url), read_only=True)
+        except ImportError as e:  # gs:// with credentials but without gcsfs, say
+            raise ReaderError(path, f"no fsspec filesystem for {_scheme(url)}:// ({e}); install its package") from e
     else:
         base = LocalStore(path, read_only=True)
     return ObservedStore(base, url=path)
@@ -276,13 +336,8 @@ def _cat(fs: Any, path: str) -> bytes | None:
             return fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except Exception as err:  # noqa: BLE001 - classified as in _with_retries
-            if not _transient(err):
-                raise
-            if attempt == settings.retries:
-                raise RemoteReadError(f"{path}: still failing after {attempt + 1} tries "
-                                      f"({type(err).__name__}: {err or 'timed out'})") from err
-            time.sleep(settings.backoff_s * 2**attempt)
+        except Exception as err:  # noqa: BLE001 - _backoff re-raises what is not worth a retry
+            time.sleep(_backoff(err, attempt, path, settings))
     raise AssertionError("unreachable")
 
 
@@ -374,7 +429,7 @@ def remote_fingerprint(url: str, key: str | None = None) -> str:
 
 def tensorstore_kvstore(url_or_path: str) -> dict[str, Any]:
     """A tensorstore kvstore spec for a local folder or an http(s) / s3 / gs URL."""
-    url = strip_precomputed(url_or_path)
+    url = public_gcs_url(strip_precomputed(url_or_path))
     if not is_url(url):
         return {"driver": "file", "path": os.path.abspath(url)}
     parts = urllib.parse.urlsplit(url)
@@ -405,6 +460,12 @@ def tensorstore_context(settings: RemoteSettings | None = None) -> Any:
     import tensorstore as ts
 
     s = settings or RemoteSettings.from_env()
+    # Per-request timeouts of tensorstore's HTTP client (curl), read when it first starts in this
+    # process: a request that stalls is aborted after the timeout and retried like any failure.
+    per_try = str(max(1, math.ceil(s.timeout_s)))
+    for name, value in (("CONNECT_TIMEOUT_SECONDS", per_try), ("LOW_SPEED_TIME_SECONDS", per_try),
+                        ("LOW_SPEED_LIMIT_BYTES", "1")):
+        os.environ.setdefault(f"TENSORSTORE_CURL_{name}", value)
     limit = _chunk_cache.limit()
     key = (os.getpid(), s, limit)
     if key not in _contexts:

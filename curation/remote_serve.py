@@ -4,7 +4,8 @@ remote sources (``python -m curation.remote_serve DIR`` serves a folder until Ct
 :class:`FolderServer` is the standard library's threaded HTTP server with a fault plan: per
 request path (e.g. ``/vol.zarr/s0/c/0/0/0``) a list of faults answered before the real content:
 ``"503"`` (Service Unavailable), ``"drop"`` (close the connection without an answer), and
-``"hang"``, which is never used up: that path never gets an answer. It counts the GET requests
+``"hang"`` and ``"404"``, which are never used up: that path never gets an answer, or is
+never found (a folder URL: a server without directory listings). It counts the GET requests
 per path (``requests``), so a test can see what was read.
 """
 
@@ -32,10 +33,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.server.requests[path] += 1
             plan = self.server.faults.get(path, [])
             fault = plan[0] if plan else None
-            if fault not in (None, "hang"):
+            if fault not in (None, "hang", "404"):
                 plan.pop(0)
         if fault == "503":
             self.send_error(503, "Service Unavailable (injected)")
+            return
+        if fault == "404":
+            self.send_error(404, "Not Found (injected)")
             return
         if fault == "drop":
             self.close_connection = True
@@ -69,7 +73,7 @@ class FolderServer:
 
     @property
     def faults(self) -> dict[str, list[str]]:
-        """Path -> faults to answer first (``"503"``, ``"drop"``; ``"hang"`` for good)."""
+        """Path -> faults to answer first (``"503"``, ``"drop"``; ``"hang"``, ``"404"`` for good)."""
         return self._server.faults
 
     @property

@@ -44,6 +44,50 @@ def sparse_zarr(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return path, vol, boxes
 
 
+@pytest.fixture(scope="module")
+def sparse_tensorstores(sparse_zarr) -> Path:
+    """The same crop as N5 and as Neuroglancer precomputed (written with tensorstore, chunks
+    (8, 32, 64) z, y, x), the same 3 chunks deleted."""
+    import tensorstore as ts
+
+    path, vol, boxes = sparse_zarr
+    root = path.parent / "ts"
+    n5 = ts.open({"driver": "n5", "kvstore": {"driver": "file", "path": str(root / "sparse.n5")},
+                  "metadata": {"dimensions": [128, 128, 16], "blockSize": [64, 32, 8], "dataType": "uint8",
+                               "compression": {"type": "raw"}}}, create=True).result()
+    n5[...] = vol.T
+    pre = ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root / "sparse.pre")},
+                   "multiscale_metadata": {"type": "image", "data_type": "uint8", "num_channels": 1},
+                   "scale_metadata": {"size": [128, 128, 16], "resolution": [10, 10, 40], "chunk_size": [64, 32, 8],
+                                      "encoding": "raw"}}, create=True).result()
+    pre[...] = vol.T[..., None]
+    for z0, z1, y0, y1, x0, x1 in boxes:
+        (root / "sparse.n5" / str(x0 // 64) / str(y0 // 32) / str(z0 // 8)).unlink()
+        (root / "sparse.pre" / "10_10_40" / f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}").unlink()
+    return root
+
+
+@pytest.mark.parametrize("name", ["sparse.n5", "sparse.pre"])
+def test_tensorstore_readers_report_missing_chunk_boxes(name, sparse_zarr, sparse_tensorstores):
+    """N5 and precomputed: absent chunks found, read as the fill value, locally and over HTTP."""
+    from curation.remote_serve import FolderServer
+
+    path, vol, boxes = sparse_zarr
+    expected = vol.copy()
+    for z0, z1, y0, y1, x0, x1 in boxes:
+        expected[z0:z1, y0:y1, x0:x1] = 0
+    with FolderServer(sparse_tensorstores) as server:
+        for where in (str(sparse_tensorstores / name), f"{server.url}/{name}"):
+            with open_volume(where) as v:
+                np.testing.assert_array_equal(v.read(), expected)
+                assert sorted(v.take_missing()) == sorted(boxes)
+                v.read(slice(0, 8), slice(0, 32))  # no missing chunk there
+                assert v.take_missing() == []
+            with open_volume(SourceSpec(where, missing_chunks="error")) as v, \
+                    pytest.raises(Exception, match="3 chunk.s. missing from the store"):
+                v.read()
+
+
 def test_reader_reports_missing_chunk_boxes(sparse_zarr):
     path, vol, boxes = sparse_zarr
     with open_volume(str(path)) as v:
@@ -122,3 +166,21 @@ def test_manifest_missing_chunks_key(tmp_path):
     m.write_text("- {path: /data/a.zarr, missing_chunks: zero}\n")
     with pytest.raises(Exception, match="missing_chunks must be one of fill, error"):
         load_manifest(m)
+
+
+def test_missing_chunks_follow_a_new_cut_and_survive_a_resume(sparse_zarr, tmp_path):
+    path, vol, boxes = sparse_zarr
+
+    def recorded() -> list:
+        index = CorpusIndex(tmp_path / "c")
+        try:
+            return sorted(map(tuple, json.loads(index.source("sparse")["missing_chunks"] or "[]")))
+        finally:
+            index.close()
+
+    spec = SourceSpec(str(path), name="sparse", voxel_size=(40, 10, 10))
+    _curate([spec], tmp_path / "c")
+    _curate([spec], tmp_path / "c")  # finished: skipped, its record kept
+    assert recorded() == sorted(boxes)
+    _curate([SourceSpec(str(path), name="sparse", voxel_size=(40, 10, 10), roi=[0, 16, 0, 64, 0, 128])], tmp_path / "c")
+    assert recorded() == [(0, 8, 32, 64, 0, 64)]  # only the new cut's, in its ROI coordinates
