@@ -32,6 +32,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from cemnet.data.datamodule import CorpusTooSmallError
 from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
+from cemnet.methods.config_paths import ConfigPathError, resolve_input_paths
 from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -66,6 +67,8 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        if self.subcommand == "fit":
+            resolve_input_paths(cfg)  # the same files whether or not ../shared (or the checkout) is a symlink
         if cfg.get("resume") and self.subcommand == "fit" and not cfg.get("ckpt_path"):  # explicit --ckpt_path wins
             run_dir = Path(cfg.run_dir)
             # last.ckpt, a periodic stepNNNNNNNN.ckpt or a SLURM preemption save, the newest intact one
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"cemnet pretrain: {err}", file=sys.stderr)
         return 3
-    except CorpusTooSmallError as err:
+    except (CorpusTooSmallError, ConfigPathError) as err:
         print(f"cemnet pretrain: {err}", file=sys.stderr)
         return 2
     _finish_wandb(cli)
