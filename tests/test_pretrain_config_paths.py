@@ -56,3 +56,36 @@ def test_cli_reports_the_key_in_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert f"data.init_args.corpus: no_such_corpus does not exist (relative paths are taken from the directory you run in: {tmp_path})" in err
+
+
+def test_wheel_ships_the_configs_and_they_are_found_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import subprocess
+    import sys
+    import warnings
+    import zipfile
+
+    from cemnet.methods import config_paths
+    from cemnet.methods.cli import main
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "project.license` as a TOML table is deprecated" not in result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("cemnet-*.whl")
+    prefix = tmp_path / "prefix"
+    with zipfile.ZipFile(wheel) as z:
+        shipped = [n for n in z.namelist() if "/data/share/cemnet/experiments/" in n]
+        for name in shipped:  # what pip puts under PREFIX
+            target = prefix / name.split("/data/", 1)[1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+    assert {Path(n).name for n in shipped} == {p.name for p in (REPO / "experiments").glob("*.yaml")}
+    # an installed package, no checkout: found by name under sys.prefix
+    monkeypatch.setattr(config_paths, "CHECKOUT_EXPERIMENTS", tmp_path / "no_checkout")
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    assert config_paths.find_config("tiny_mocov2_cpu") == prefix / "share/cemnet/experiments/tiny_mocov2_cpu.yaml"
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(), pytest.raises(SystemExit):
+        main(["--config", "tiny_mocov2_cpu", "--print_config"])
+    assert "class_path: cemnet.methods.mocov2.MoCoV2" in capsys.readouterr().out

@@ -32,7 +32,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from cemnet.data.datamodule import CorpusTooSmallError
 from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
-from cemnet.methods.config_paths import ConfigPathError, resolve_input_paths
+from cemnet.methods.config_paths import ConfigPathError, expand_config_names, resolve_input_paths
 from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -133,6 +133,7 @@ class _DropFitStopped(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cemnet pretrain``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = expand_config_names(argv)  # `--config tiny_mocov2_cpu`: a config shipped with cemnet
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["fit", *argv]  # `fit` is the default subcommand, also for --help (its options are the ones used)
     _register_known_classes()

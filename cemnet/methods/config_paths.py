@@ -13,9 +13,16 @@ config key that held it, before any model is built.
 from __future__ import annotations
 
 import os
+import site
+import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigPathError", "logical_cwd", "resolve_input_paths"]
+__all__ = ["ConfigPathError", "logical_cwd", "resolve_input_paths", "config_dirs", "find_config", "expand_config_names"]
+
+# a checkout (or editable install): <repo>/experiments next to the cemnet package
+CHECKOUT_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+SHIPPED_SUBDIR = Path("share") / "cemnet" / "experiments"  # where the wheel installs them (pyproject data-files)
 
 
 class ConfigPathError(ValueError):
@@ -68,3 +75,39 @@ def resolve_input_paths(cfg: Any, base: str | None = None) -> None:
                     volumes[name] = _resolve(spec, key, base)
     if cfg.get("ckpt_path"):
         cfg["ckpt_path"] = _resolve(cfg["ckpt_path"], "ckpt_path", base)
+
+
+def config_dirs() -> list[Path]:
+    """Folders searched for a config given by name: the checkout's ``experiments/``, then the
+    installed copies (``PREFIX/share/cemnet/experiments``, also for ``pip install --user``)."""
+    dirs = [CHECKOUT_EXPERIMENTS, Path(sys.prefix) / SHIPPED_SUBDIR, Path(sys.base_prefix) / SHIPPED_SUBDIR]
+    user_base = getattr(site, "USER_BASE", None)
+    if user_base:
+        dirs.append(Path(user_base) / SHIPPED_SUBDIR)
+    return list(dict.fromkeys(dirs))
+
+
+def find_config(name: str) -> Path | None:
+    """The shipped config called ``name`` (``tiny_mocov2_cpu`` or ``tiny_mocov2_cpu.yaml``), if any."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        return None
+    for folder in config_dirs():
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def expand_config_names(argv: list[str]) -> list[str]:
+    """``--config NAME`` (or ``-c NAME``) -> the shipped config's path, when NAME is not a file here."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, sep, value = arg.partition("=")
+        if flag not in ("--config", "-c"):
+            continue
+        if sep:
+            if not os.path.exists(value) and (found := find_config(value)) is not None:
+                out[i] = f"{flag}={found}"
+        elif i + 1 < len(out) and not os.path.exists(out[i + 1]) and (found := find_config(out[i + 1])) is not None:
+            out[i + 1] = str(found)
+    return out
