@@ -165,3 +165,23 @@ def test_divergence_guard_refuses_a_checkpoint_with_non_finite_buffers(corpus, t
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2 and not (tmp_path / "checkpoints" / "step00000004.ckpt").exists()
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_one_patch_corpus_is_one_line_naming_the_corpus(tmp_path, shared_data, capsys):
+    """A corpus curated from one real 224 px crop of an ISBI slice holds a single patch."""
+    import numpy as np
+    from PIL import Image
+
+    from cemnet.cli import main as cemnet_main
+    from cemnet.methods.cli import main
+
+    img = np.asarray(Image.open(shared_data / "isbi2012/train/images/0.png"))[:224, :224]
+    Image.fromarray(img).save(tmp_path / "slice.png")
+    assert cemnet_main(["curate", str(tmp_path / "slice.png"), "--out", str(tmp_path / "corpus")]) == 0
+    capsys.readouterr()
+    rc = main(["--config", str(Path(__file__).resolve().parents[1] / "experiments/tiny_mocov2_cpu.yaml"),
+               "--run_dir", str(tmp_path / "run"), "--data.init_args.corpus", str(tmp_path / "corpus"),
+               "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'corpus'}: 1 patch(es) per epoch, too few for one batch of 32" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,23 @@ def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, mo
     resumed = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 4
     assert int(resumed["state_dict"]["memory_bank.n_enqueued"]) == 4 * 16  # the queue carried over
+
+
+def test_cli_help_shows_cemnet_options_with_defaults_and_names_real_commands(capsys):
+    from cemnet.methods.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])  # `fit` is the default subcommand: its options are the ones shown
+    options = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]
+    for option, default in (("--run_dir RUN_DIR", "runs/pretrain"), ("--resume, --no_resume", "False"),
+                            ("--wandb, --no_wandb", "False"), ("--wandb_mode WANDB_MODE", "offline"),
+                            ("--checkpoint_every_n_steps CHECKPOINT_EVERY_N_STEPS", "1000")):
+        entry = re.search(re.escape(option) + r" (.*?)\(type: [^)]*default: ([^)]*)\)", options)
+        assert entry and entry.group(1).strip() and entry.group(2) == default, option  # one line of help + default
+    with pytest.raises(SystemExit):
+        main(["--no_such_option"])
+    err = capsys.readouterr().err
+    assert "cemnet pretrain fit --help" in err and "cemnet fit" not in err
 
 
 def test_cli_exposes_mgmr_by_class_path(capsys):

@@ -235,3 +235,17 @@ def test_non_checkpoints_get_one_line_naming_the_file(tmp_path: Path, capsys: py
     assert cemnet_main(["weights", "publish", str(legacy), "--name", "x", "--url-base", "https://example.org"]) == 1
     err = capsys.readouterr().err
     assert "legacy.pth" in err and "Traceback" not in err
+
+
+def test_help_of_export_weights_and_transfer_shows_every_option_with_help_and_default() -> None:
+    from cemnet.transfer import cli_export, cli_transfer, cli_weights
+    from cemnet.transfer.cli_help import undocumented_options
+
+    for parser in (cli_export.build_parser(), cli_weights.build_parser(), cli_transfer._parser()):
+        assert undocumented_options(parser) == []
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for sub in [parser, *(p for a in subs for p in a.choices.values())]:
+            for action in sub._actions:
+                if action.option_strings and action.dest != "help":  # each option's help names its default
+                    entry = sub._get_formatter()._expand_help(action)
+                    assert "default" in entry.lower(), f"{sub.prog} {action.option_strings[0]}: {entry}"

@@ -44,7 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 from cemnet.data.augment import AugmentConfig, EMAugment
 from cemnet.data.sampling import EpochSampler
 
-__all__ = ["ArrayCorpus", "PatchViewsDataset", "StatefulLoader", "EMPatchDataModule", "load_corpus"]
+__all__ = ["ArrayCorpus", "CorpusTooSmallError", "PatchViewsDataset", "StatefulLoader", "EMPatchDataModule", "load_corpus"]
+
+
+class CorpusTooSmallError(ValueError):
+    """The corpus cannot fill one batch per device (the message names the corpus)."""
 
 
 class ArrayCorpus:
@@ -288,6 +292,13 @@ class EMPatchDataModule(pl.LightningDataModule):
 
     def make_sampler(self, rank: int = 0, world_size: int = 1) -> EpochSampler:
         c = self._corpus()
+        per_epoch = int(self.samples_per_epoch or len(c))
+        if per_epoch < self.batch_size * world_size:
+            name = self.corpus_spec if isinstance(self.corpus_spec, (str, os.PathLike)) else type(c).__name__
+            raise CorpusTooSmallError(
+                f"{name}: {per_epoch} patch(es) per epoch, too few for one batch of {self.batch_size} on each of "
+                f"{world_size} device(s); lower data.batch_size, set data.samples_per_epoch, or curate more data"
+            )
         return EpochSampler(
             len(c),
             source_index=np.asarray(c.source_index) if self.balance_gamma is not None else None,

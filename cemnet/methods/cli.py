@@ -30,7 +30,9 @@ from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
+from cemnet.data.datamodule import CorpusTooSmallError
 from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
+from cemnet.methods.config_paths import ConfigPathError, expand_config_names, resolve_input_paths
 from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -52,7 +54,7 @@ class PretrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str, default="runs/pretrain", help="run folder (checkpoints, logs, samples)")
-        parser.add_argument("--resume", action=ActionYesNo, default=False, help="continue from RUN_DIR/checkpoints/last.ckpt if it exists")
+        parser.add_argument("--resume", action=ActionYesNo, default=False, help="continue from the newest intact checkpoint in RUN_DIR (last.ckpt; a broken one is skipped)")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000, help="checkpoint every N optimizer steps (+ last.ckpt)")
         parser.add_argument("--checkpoint_keep", type=int, default=-1, help="periodic checkpoints kept (-1: all; last.ckpt always)")
         parser.add_argument("--samples_every_n_steps", type=int, default=1000, help="log augmented view pairs every N steps (0: never)")
@@ -65,6 +67,8 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        if self.subcommand == "fit":
+            resolve_input_paths(cfg)  # the same files whether or not ../shared (or the checkout) is a symlink
         if cfg.get("resume") and self.subcommand == "fit" and not cfg.get("ckpt_path"):  # explicit --ckpt_path wins
             run_dir = Path(cfg.run_dir)
             # last.ckpt, a periodic stepNNNNNNNN.ckpt or a SLURM preemption save, the newest intact one
@@ -129,8 +133,9 @@ class _DropFitStopped(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cemnet pretrain``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
-        argv = ["fit", *argv]  # `fit` is the default subcommand
+    argv = expand_config_names(argv)  # `--config tiny_mocov2_cpu`: a config shipped with cemnet
+    if not argv or argv[0] not in SUBCOMMANDS:
+        argv = ["fit", *argv]  # `fit` is the default subcommand, also for --help (its options are the ones used)
     _register_known_classes()
     # we pass argv explicitly (so `cemnet pretrain ...` works) but leave sys.argv intact, because
     # Lightning's DDP launcher re-executes sys.argv for ranks > 0
@@ -148,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
             args=argv,
+            parser_kwargs={"prog": "cemnet pretrain"},  # so usage lines and tips name a real command
         )
     except DivergenceError as err:
         print(f"cemnet pretrain: {err}", file=sys.stderr)
         return 3
+    except (CorpusTooSmallError, ConfigPathError) as err:
+        print(f"cemnet pretrain: {err}", file=sys.stderr)
+        return 2
     _finish_wandb(cli)
     return _report_end(cli)
 

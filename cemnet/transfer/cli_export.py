@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cemnet.transfer.cli_help import HelpFormatter
 from cemnet.transfer.meta import FORMATS
 
 
@@ -14,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cemnet export",
         description="Export backbone-only encoder weights (clean timm key names + metadata) as safetensors.",
         epilog=f"input formats (auto-detected):\n{formats}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", metavar="RUN_OR_CKPT", help="run folder (checkpoints/last.ckpt, else newest *.ckpt) or checkpoint file")
     parser.add_argument("--out", required=True, help="output .safetensors file")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cemnet.transfer.cli_help import HelpFormatter
+
 __all__ = ["main", "RankRow", "rank", "select_patches", "save_heatmap", "save_montage"]
 
 
@@ -266,8 +268,7 @@ def _write_selection(pool: Any, chosen: np.ndarray, scores: np.ndarray | None, o
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cemnet transfer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="cemnet transfer", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -275,11 +276,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--out", type=Path, default=Path("transfer_out"), help="output folder")
         q.add_argument("--patch-size", type=int, default=224, help="patch side for images/volumes (a corpus keeps its own)")
         q.add_argument("--input-size", type=int, default=None, help="resize patches to this side before the encoder (CPU speed)")
-        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--batch-size", type=int, default=64, help="patches per encoder forward pass")
         q.add_argument("--max-planes", type=int, default=64, help="planes read per image folder/volume at most")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="seed of the patch sampling")
 
-    r = sub.add_parser("rank", help="rank candidate sources (or encoders) by MMD^2 to the target")
+    r = sub.add_parser("rank", help="rank candidate sources (or encoders) by MMD^2 to the target", formatter_class=HelpFormatter)
     common(r)
     r.add_argument("--candidates", nargs="+", required=True,
                    help="data (corpora: one candidate per source dataset; image folders; volumes) or encoders")
@@ -291,13 +292,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="encoder mode: corpora matched to each encoder by its recorded corpus fingerprint")
     r.add_argument("--reference", help="encoder mode: proxy sample when an encoder's pretraining corpus is unavailable")
 
-    s = sub.add_parser("select", help="choose patches of the target to annotate first")
+    s = sub.add_parser("select", help="choose patches of the target to annotate first", formatter_class=HelpFormatter)
     common(s)
     s.add_argument("--encoder", help="encoder for kcenter embeddings")
     s.add_argument("--head", help="fine-tuned segmentation model: a cemnet finetune RUN/model.safetensors (or a save_head file); required for median/highest")
     s.add_argument("--budget", type=int, required=True, help="number of patches to select")
-    s.add_argument("--strategy", default="median", choices=["median", "highest", "kcenter", "random"])
-    s.add_argument("--uncertainty", default="entropy", choices=["entropy", "margin"])
+    s.add_argument("--strategy", default="median", choices=["median", "highest", "kcenter", "random"],
+                   help="median/highest uncertainty of --head, kcenter coverage of --encoder features, or random")
+    s.add_argument("--uncertainty", default="entropy", choices=["entropy", "margin"],
+                   help="per-pixel uncertainty of the head: normalised entropy or 1 - margin of its class probabilities")
     s.add_argument("--pool", type=int, default=1000, help="unlabelled patches sampled from the target and scored")
     return p
 

@@ -7,27 +7,31 @@ import json
 import sys
 from pathlib import Path
 
+from cemnet.transfer.cli_help import HelpFormatter
 from cemnet.transfer.download import CACHE_ENV, default_cache_dir, sha256_env_var
 from cemnet.transfer.registry import REGISTRY_ENV, RegistryError, get_entry, load_registry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cemnet weights", description="List, inspect, download and publish pretrained encoder weights.")
+    parser = argparse.ArgumentParser(
+        prog="cemnet weights", description="List, inspect, download and publish pretrained encoder weights.",
+        formatter_class=HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     registry_help = f"extra registry file (YAML/JSON), repeatable; also ${REGISTRY_ENV}"
     cache_help = f"cache folder (default: ${CACHE_ENV}, else torch hub's checkpoints/cemnet; now {default_cache_dir()})"
 
-    p = sub.add_parser("list", help="registered weights")
+    p = sub.add_parser("list", help="registered weights", formatter_class=HelpFormatter)
     p.add_argument("--registry", action="append", default=[], help=registry_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("info", help="one entry in full, and whether it is cached")
-    p.add_argument("name")
+    p = sub.add_parser("info", help="one entry in full, and whether it is cached", formatter_class=HelpFormatter)
+    p.add_argument("name", help="registered weights name (see 'cemnet weights list')")
     p.add_argument("--registry", action="append", default=[], help=registry_help)
     p.add_argument("--cache-dir", help=cache_help)
 
-    p = sub.add_parser("download", help="download into the cache (sha256-verified, resumable)")
-    p.add_argument("name")
+    p = sub.add_parser("download", help="download into the cache (sha256-verified, resumable)", formatter_class=HelpFormatter)
+    p.add_argument("name", help="registered weights name (see 'cemnet weights list')")
     p.add_argument("--registry", action="append", default=[], help=registry_help)
     p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--sha256", help="expected sha256 (overrides the registry; or set CEMNET_SHA256_<NAME>)")
@@ -36,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a download without a known sha256; the computed hash is printed and recorded",
     )
-    p.add_argument("--retries", type=int, default=3, help="retries of transient failures (default 3)")
+    p.add_argument("--retries", type=int, default=3, help="retries of transient failures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("publish", help="rename an export to NAME-<sha256[:8]>.safetensors and register it")
+    p = sub.add_parser("publish", help="rename an export to NAME-<sha256[:8]>.safetensors and register it", formatter_class=HelpFormatter)
     p.add_argument("export", metavar="FILE", help="a .safetensors written by 'cemnet export'")
     p.add_argument("--name", required=True, help="weights name (letters, digits, '.', '_', '-')")
     p.add_argument("--url-base", required=True, help="URL of the folder the file will be served from")
