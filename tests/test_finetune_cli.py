@@ -105,6 +105,36 @@ def test_resume_continues_exactly(isbi5: tuple[Path, Path], tmp_path: Path) -> N
     assert _run(isbi5, stopped, "--resume", "--lr", "0.1") == 2
 
 
+def test_pretrained_frozen_encoder_provenance_and_wandb(isbi5: tuple[Path, Path], tmp_path: Path) -> None:
+    """A pretrained export, frozen: the file records its sha256, method and normalisation, the
+    network is rebuilt from the spec alone (strict load), and --wandb writes an offline run."""
+    import hashlib
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from cemnet.transfer.meta import EncoderMeta
+
+    torch.manual_seed(0)
+    enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
+    export = tmp_path / "enc.safetensors"
+    save_file(enc.state_dict(), str(export), metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.5, std=0.2,
+                                                                  method="mocov2").to_safetensors())
+    out = tmp_path / "pre"
+    rc = cemnet_main(["finetune", "--images", str(isbi5[0]), "--masks", str(isbi5[1]), *MEMBRANES, *TINY,
+                      "--encoder", str(export), "--freeze", "encoder", "--iterations", "2", "--wandb", "--out", str(out)])
+    assert rc == 0
+    spec = cemnet.load_model(out / "model.safetensors").cemnet_spec
+    assert spec.encoder["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
+    assert spec.encoder["method"] == "mocov2" and spec.encoder["frozen"] == "encoder" and spec.norm == (0.5, 0.2)
+    weights = load_file(str(out / "model.safetensors"))
+    for k, v in enc.state_dict().items():  # frozen: the encoder is the export's, unchanged
+        if f"encoder.{k}" in weights:
+            assert torch.equal(weights[f"encoder.{k}"], v), k
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
 def test_bad_input_gives_one_clear_message(isbi5: tuple[Path, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     def fails(*args: str) -> str:
@@ -143,16 +173,28 @@ def test_help_lists_every_option_with_default(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.slow
-def test_instance_model_from_a_volume(shared_data: Path, tmp_path: Path) -> None:
-    """Neuron instances on the gala crop: affinities + foreground, best agglomeration threshold
-    recorded, and the loaded model reproduces the recorded VI."""
+def test_instance_model_from_a_manifest(shared_data: Path, tmp_path: Path) -> None:
+    """Neuron instances from a manifest (gala train volume for training, its test volume as the
+    given validation): affinities + foreground, the best agglomeration threshold recorded, and the
+    loaded model reproduces the recorded VI."""
     from cemnet.finetune.data import load_finetune_data
     from cemnet.finetune.run import FinetuneSettings, validation_scores
 
+    import h5py
+
     gala = shared_data / "gala_fibsem_crops"
+    # validation: a 10x64x64 crop of gala's test volume (image and ids), written as HDF5, so
+    # that scoring an untrained model (many fragments to agglomerate) stays quick
+    val = tmp_path / "val.h5"
+    with h5py.File(gala / "test-image.h5") as fi, h5py.File(gala / "test-gt.lzf.h5") as fg, h5py.File(val, "w") as fo:
+        fo["raw"] = fi["stack"][:10, :64, :64]
+        fo["ids"] = fg["stack"][:10, :64, :64]
+    manifest = tmp_path / "volumes.yaml"
+    manifest.write_text(
+        f"- {{image: {gala / 'train-image.h5'}, key: stack, labels: {gala / 'train-gt.lzf.h5'}, label_key: stack}}\n"
+        f"- {{image: {val}, key: raw, labels: {val}, label_key: ids, split: validation}}\n")
     out = tmp_path / "inst"
-    rc = cemnet_main(["finetune", "--task", "instance", "--image", str(gala / "train-image.h5"), "--key", "stack",
-                      "--labels", str(gala / "train-gt.lzf.h5"), "--label-key", "stack", "--iterations", "2",
+    rc = cemnet_main(["finetune", "--task", "instance", "--manifest", str(manifest), "--iterations", "2", "--val-every", "2",
                       "--batch-size", "1", "--crop-size", "32", "--crop-z", "8", "--base-width", "8",
                       "--thresholds", "0.7", "0.3", "--voxel-size", "10", "10", "10", "--no-progress", "--overlays", "1",
                       "-q", "--out", str(out)])
@@ -161,9 +203,9 @@ def test_instance_model_from_a_volume(shared_data: Path, tmp_path: Path) -> None
     spec = model.cemnet_spec
     assert spec.task == "instance" and spec.dims == "3d" and spec.out_channels == 4 and spec.arch["spatial_dims"] == 3
     assert spec.postprocess["threshold"] in (0.7, 0.3) and spec.voxel_size == (10.0, 10.0, 10.0)
-    assert len(spec.tile) == 3 and spec.classes == []
-    data, _ = load_finetune_data(image=str(gala / "train-image.h5"), key="stack", labels=str(gala / "train-gt.lzf.h5"),
-                                 label_key="stack", instance=True)
+    assert len(spec.tile) == 3 and spec.classes == [] and spec.training["validation"]["rule"] == "given"
+    data, _ = load_finetune_data(manifest=str(manifest), instance=True)
+    assert [s.name for s in data.test] == ["val"] and data.test[0].image.shape == (10, 64, 64)
     again = validation_scores(model, data, spec.norm, FinetuneSettings(task="instance", thresholds=(0.7, 0.3)),
                               spec.voxel_size)
     assert again["voi"] == pytest.approx(spec.scores["voi"], abs=1e-6)

@@ -1,7 +1,10 @@
 """Fine-tuning: train a segmentation model on a user's labels and keep it as one file.
 
 ``model_file`` is the saved-model format (the contract between ``cemnet finetune``, which writes
-it, and ``cemnet segment`` / ``cemnet package``, which read it).
+it, and ``cemnet segment`` / ``cemnet package``, which read it); ``engine`` the one training loop
+(LightningModule + data module) that ``cemnet finetune`` and ``cemnet benchmark`` share; ``data``
+reads the user's images / volumes / manifests and makes the validation split; ``run`` runs
+``cemnet finetune`` (best / last model, logs, resume, overlays); ``cli`` is the command.
 """
 
 from cemnet._lazy import lazy_exports

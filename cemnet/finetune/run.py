@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,8 @@ def run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetune
 
         os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(WandbLogger(project="cemnet-finetune", name=out.name, save_dir=str(out), offline=True))
+    # the run folder holds other files by design (and metrics.csv is merged on resume, below)
+    warnings.filterwarnings("ignore", ".*Experiment logs directory .* exists and is not empty.*")
     state: dict[str, Any] = {}
     steps = settings.eval_steps()
     fp = fingerprint(data.train)
