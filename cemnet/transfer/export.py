@@ -40,7 +40,11 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path, arch: str | None = 
 
     A run folder resolves to ``checkpoints/last.ckpt``, else its newest ``*.ckpt``. Returns the
     converted weights, whose :meth:`~EncoderWeights.describe` says what was kept and dropped.
+    A model card (``<out stem>.md``, :mod:`cemnet.share.model_card`) is written next to it.
     """
     weights = read_weights(run_or_ckpt, arch=arch)
     save_encoder(weights, out)
+    from cemnet.share.model_card import write_encoder_card
+
+    write_encoder_card(out)
     return weights
