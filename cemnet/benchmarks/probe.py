@@ -21,7 +21,6 @@ seeds) and by :class:`cemnet.methods.probe_callback.RepresentationProbe` (during
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,6 @@ from cemnet.benchmarks.train import dataset_norm, training_slices
 
 __all__ = ["ProbeSet", "ProbeConfig", "make_probe_set", "probe_encoder", "probe_features", "encoder_features",
            "summarize_scores", "plot_probe_history"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
