@@ -20,7 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
 __all__ = ["main", "build_parser"]
 
