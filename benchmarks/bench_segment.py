@@ -1,7 +1,7 @@
 """cemnet segment throughput on CPU: the engine vs a naive whole-slice loop vs the bare forward passes.
 
-For a 2D and a 3D model (random weights: speed does not depend on them) on real NeuroProof FIB-SEM
-(``../shared/data``), one process, one thread:
+For a 2D model on ISBI 2012 ssTEM slices (512 x 512) and a 3D model on NeuroProof FIB-SEM (random
+weights: speed does not depend on them; data from ``../shared/data``), one process, one thread:
 
 * **engine**: ``segment_volume`` end to end (read, uint8, tile, forward, blend, write OME-Zarr,
   pyramid, rename), voxels/s;
@@ -16,7 +16,7 @@ Engine overhead = (engine - bare forward) / bare forward: reading, tiling, blend
 
 Usage (the setting reported in BENCHMARKS.md):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_segment.py --slices 8 --size 250 --memory-mb 8
+    OMP_NUM_THREADS=1 python benchmarks/bench_segment.py --slices 8 --memory-mb 4
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ SPECS = {
 }
 
 
-def _volume(data: Path, slices: int, size: int) -> np.ndarray:
+def _volume(folder: Path, slices: int, size: int) -> np.ndarray:
     from PIL import Image
 
-    files = sorted((data / "neuroproof_fibsem_medulla/training_sample1/grayscale_maps").glob("*.png"))[:slices]
+    files = sorted(folder.glob("*.png"))[:slices]
     return np.stack([np.asarray(Image.open(f).convert("L"))[:size, :size] for f in files])
 
 
@@ -126,16 +126,17 @@ def run(kind: str, vol: np.ndarray, memory_mb: float, tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--slices", type=int, default=8)
-    p.add_argument("--size", type=int, default=250)
-    p.add_argument("--memory-mb", type=float, default=8.0)
+    p.add_argument("--slices", type=int, default=8, help="2D: ISBI slices; 3D: twice as many NeuroProof slices")
+    p.add_argument("--memory-mb", type=float, default=4.0)
     p.add_argument("--models", default="2d,3d")
     args = p.parse_args()
     torch.set_num_threads(1)
-    vol = _volume(Path(args.data), args.slices, args.size)
+    data = Path(args.data)
+    volumes = {"2d": lambda: _volume(data / "isbi2012/train/images", args.slices, 512),
+               "3d": lambda: _volume(data / "neuroproof_fibsem_medulla/training_sample1/grayscale_maps", 2 * args.slices, 250)}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models.split(","):
-            print(json.dumps(run(kind, vol if kind == "2d" else vol[:, :128, :128], args.memory_mb, Path(tmp))))
+            print(json.dumps(run(kind, volumes[kind](), args.memory_mb, Path(tmp))), flush=True)
 
 
 if __name__ == "__main__":

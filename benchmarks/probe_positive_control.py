@@ -5,7 +5,7 @@ fine-tuned by the benchmark loop, ImageNet-free), exports its encoder as a timm 
 runs ``cemnet benchmark probe`` on it and on the same architecture at random initialisation over
 seeds (held-out tiles of the benchmark's test split). Prints the probe's results.md.
 
-    python benchmarks/probe_positive_control.py --benchmark vnc_mito --iterations 150 --out runs/probe_control
+    python benchmarks/probe_positive_control.py --benchmark vnc_mito --iterations 80 --out runs/probe_control
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", default="vnc_mito")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--iterations", type=int, default=80)
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     p.add_argument("--out", default="runs/probe_control")
     args = p.parse_args()

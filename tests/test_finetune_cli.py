@@ -70,6 +70,7 @@ def test_finetune_writes_a_self_describing_model_that_reproduces_its_score(isbi5
     assert _run(isbi5, out) == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(isbi5: tuple[Path, Path], tmp_path: Path) -> None:
     """A run stopped after its step-2 checkpoint and resumed ends with the same weights as an
     uninterrupted run (same optimizer, schedule and data position)."""

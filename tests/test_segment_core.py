@@ -85,6 +85,7 @@ def _tiled_whole(model_path: Path, vol: np.ndarray) -> np.ndarray:
     return Predictor(model, model.cemnet_spec)(vol)[0]
 
 
+@pytest.mark.slow
 def test_blockwise_equals_whole_volume_2d(model_2d, mito_crop, tmp_path) -> None:
     """Blocks reproduce the whole volume's tiled result exactly (up to uint8 rounding), and that
     differs from one untiled forward pass by at most the stated tolerance."""
@@ -136,6 +137,7 @@ def test_blockwise_equals_whole_volume_3d(shared_data, tmp_path_factory, tmp_pat
     assert np.abs(probs - tiled).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_memory_flat_in_volume_size(shared_data, tmp_path) -> None:
     """Peak numpy memory (tracemalloc) stays under --memory-mb for volumes larger than it, and does
     not grow with the volume: 1 and 3 ISBI slices of 256 x 512 (0.125 / 0.375 MB of uint8, 0.5 /
@@ -206,6 +208,7 @@ def test_bad_inputs_clear_messages(model_2d, mito_crop, tmp_path, capsys) -> Non
     assert "differs from the model's training voxel size 30x15x15 nm by 200 % along y" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_failure_skips_finished_blocks(model_2d, mito_crop, tmp_path, monkeypatch) -> None:
     """An injected failure in the third block: nothing at OUT, the first two blocks are kept and
     not recomputed by the same command, and the result equals an uninterrupted run."""
@@ -239,6 +242,7 @@ def test_resume_after_failure_skips_finished_blocks(model_2d, mito_crop, tmp_pat
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_scale_level_matches_training_voxel_size(shared_data, tmp_path) -> None:
     """The 16-bit SEM OME-Zarr tile has levels at 32, 64, ... nm: a model trained at 64 nm reads level 1."""
     src = shared_data / "muvis_align_sem_tiles/ome_zarr/S000/S000_000_000.ome.zarr"

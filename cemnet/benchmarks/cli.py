@@ -22,7 +22,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
 __all__ = ["main", "build_parser"]
 
@@ -220,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info(args.name)
         data = _load(args)
     except (FileNotFoundError, NotADirectoryError, MaskError, ValueError, KeyError) as err:
-        print(f"cemnet benchmark {args.benchmark}: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its text
+        print(f"cemnet benchmark {args.benchmark}: {message}", file=sys.stderr)
         return 2
     print(data.summary())
     if data.mask_report is not None:

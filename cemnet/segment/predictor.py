@@ -144,7 +144,10 @@ class Predictor:
 
     def _normalise(self, block: np.ndarray) -> np.ndarray:
         mean, std = self.spec.norm
-        return ((block.astype(np.float32) / np.float32(255.0)) - np.float32(mean)) / np.float32(std)
+        out = block.astype(np.float32)  # in place from here: one float copy of the block, no temporaries
+        out *= np.float32(1.0 / (255.0 * std))
+        out -= np.float32(mean / std)
+        return out
 
     def _predict_slices(self, vol: np.ndarray, origin: Sequence[int], grids: Sequence[AxisGrid]) -> np.ndarray:
         """2D / 2.5D: every slice along axis 0 of ``vol`` (normalised), tiled in its plane by the
@@ -163,7 +166,9 @@ class Predictor:
                 w = self._window(sl, lo, hi, grids[1:])
                 acc[(slice(None), z, *sl)] += pz * w
                 wsum[(z, *sl)] += w
-        return acc / np.maximum(wsum, np.float32(1e-12))
+        np.maximum(wsum, np.float32(1e-12), out=wsum)
+        acc /= wsum  # in place: no second C-channel array
+        return acc
 
     def _predict_3d(self, vol: np.ndarray, origin: Sequence[int], grids: Sequence[AxisGrid]) -> np.ndarray:
         acc = np.zeros((self.channels, *vol.shape), np.float32)
@@ -177,7 +182,9 @@ class Predictor:
                 w = self._window(sl, lo, hi, grids)
                 acc[(slice(None), *sl)] += pt * w
                 wsum[sl] += w
-        return acc / np.maximum(wsum, np.float32(1e-12))
+        np.maximum(wsum, np.float32(1e-12), out=wsum)
+        acc /= wsum  # in place: no second C-channel array
+        return acc
 
     def _window(self, tile: Sequence[slice], low: Sequence[bool], high: Sequence[bool],
                 grids: Sequence[AxisGrid]) -> np.ndarray:

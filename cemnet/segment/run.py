@@ -182,13 +182,12 @@ def run_block(job: Job, block: Block) -> dict[str, Any]:
 
     predictor, volume = _resources(job)
     forward0 = predictor.forward_seconds
-    raw = volume.read(*block.read_slices)
-    probs = predictor(job.converter(raw), block.origin, job.shape)[(slice(None), *block.crop)]
+    probs = predictor(job.converter(volume.read(*block.read_slices)), block.origin, job.shape)[(slice(None), *block.crop)]
     if job.instance and predictor.spec.dims == "2.5d" and block.out[0][0] == 0:
         probs[0, 0] = 0.0  # the first slice has no predecessor (paired with itself), as in training
     root = zarr.open_group(job.work, mode="r+")
     if job.prob_array is not None:
-        scaled = np.rint(probs * 255.0).astype(np.uint8)
+        scaled = np.rint(probs * np.float32(255.0), out=np.empty(probs.shape, np.float32)).astype(np.uint8)
         arr = root[job.prob_array]
         arr[(slice(None), *block.out_slices) if arr.ndim == 4 else block.out_slices] = scaled if arr.ndim == 4 else scaled[0]
     if job.label_array is not None:
