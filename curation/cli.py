@@ -4,6 +4,8 @@
     cemnet curate export-tiff CORPUS OUT                 CEM500K-style folder of 8-bit TIFFs
     cemnet curate train-filter CORPUS --labels CSV --out filter.json
     cemnet curate report CORPUS                          rewrite the report
+    cemnet curate recut CORPUS --status duplicate|filtered [--dataset D] [--out DIR]
+                                                         re-cut removed patches (TIFFs) from their sources
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from curation.pipeline import CurateSettings
 
-TOOLS = ("export-tiff", "train-filter", "report")
+TOOLS = ("export-tiff", "train-filter", "report", "recut")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -49,6 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes (default 2; 1 = in-process)")
     p.add_argument("--scheduler", help="Dask scheduler address: run the units on that cluster (shared filesystem)")
     p.add_argument("--memory-mb", type=int, default=d.memory_mb, help="bound on the data one unit holds")
+    p.add_argument("--keep-all-pixels", action="store_true",
+                   help="store the pixels of duplicates and filtered patches too (default: kept patches only; "
+                   "the others keep their provenance and can be re-cut: cemnet curate recut)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -86,8 +91,29 @@ def _tool(argv: list[str]) -> int:
         p.add_argument("out")
         p.add_argument("--status", default="kept", help="kept (default), duplicate, filtered or all")
         a = p.parse_args(rest)
-        n = export_tiff_folder(Corpus(a.corpus, status=None if a.status == "all" else a.status), a.out)
+        corpus = Corpus(a.corpus, status=None if a.status == "all" else a.status)
+        n = export_tiff_folder(corpus, a.out)
         print(f"wrote {n} patches to {a.out}")
+        if n < len(corpus):
+            print(f"{len(corpus) - n} patches have no pixels stored in {a.corpus} (it keeps kept patches only); "
+                  f"`cemnet curate recut {a.corpus} --status {a.status}` cuts them from their sources")
+    elif tool == "recut":
+        from curation.pixels import recut_to_folder
+
+        p.add_argument("--status", required=True, choices=["duplicate", "filtered", "kept", "all"])
+        p.add_argument("--dataset", action="append", help="only sources of this dataset (repeatable)")
+        p.add_argument("--out", help="folder for the TIFFs and patches.csv (default CORPUS/recut/STATUS)")
+        p.add_argument("--memory-mb", type=int, default=256, help="bound on the source data read at once")
+        p.add_argument("--no-progress", action="store_true")
+        a = p.parse_args(rest)
+        try:
+            n, problems = recut_to_folder(a.corpus, a.status, a.out, a.dataset, a.memory_mb, not a.no_progress)
+        except (FileNotFoundError, OSError) as err:
+            print(f"cemnet curate recut: {err}", file=sys.stderr)
+            return 2
+        target = a.out or str(Path(a.corpus) / "recut" / a.status)
+        print(f"wrote {n} patches to {target}" + (f"; {len(problems)} source(s) could not be re-cut" if problems else ""))
+        return 1 if problems else 0
     elif tool == "train-filter":
         import json
 
@@ -142,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=args.patch_size, max_anisotropy=args.max_anisotropy, axes=args.axes,
         slice_stride=args.slice_stride, uint8_rule=args.uint8_rule, percentiles=tuple(args.percentiles),
         dedup_distance=args.dedup_distance, dedup_scope=args.dedup_scope, seed=args.seed,
-        filter=args.filter, memory_mb=args.memory_mb,
+        filter=args.filter, memory_mb=args.memory_mb, keep_all_pixels=args.keep_all_pixels,
     )
     try:
         specs, skipped = _specs(args)

@@ -235,14 +235,18 @@ class CorpusIndex:
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def done_tasks(self, source: str) -> set[str]:
-        """Keys of the finished units of ``source`` whose shard is intact on disk."""
-        p = self.patch_size
-        rows = self.db.execute("SELECT key, n_patches FROM tasks WHERE source=? AND status='done'", (source,))
-        return {
-            key for key, n in rows
-            if (shard := self.root / "shards" / source / f"{key}.npy").is_file()
-            and shard.stat().st_size == npy_nbytes((n, p, p))
-        }
+        """Keys of the finished units of ``source`` whose shard is intact on disk: it holds as
+        many patches as the unit has rows with pixels (a unit without any needs no shard)."""
+        from curation.pixels import expected_shard_rows, shard_intact
+
+        expected = expected_shard_rows(self, source)
+        rows = self.db.execute("SELECT key FROM tasks WHERE source=? AND status='done'", (source,)).fetchall()
+        done = set()
+        for (key,) in rows:
+            shard, n = expected.get(f"shards/{source}/{key}.npy", (f"shards/{source}/{key}.npy", 0))
+            if n == 0 or shard_intact(self.root, shard, n, self.patch_size):
+                done.add(key)
+        return done
 
     def all_tasks(self, source: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM tasks WHERE source=?", (source,))}
@@ -253,7 +257,9 @@ class CorpusIndex:
         Rows of an earlier, interrupted attempt at the same shard are replaced, never doubled.
         """
         with self.write():
-            self.db.execute("DELETE FROM patches WHERE shard=?", (shard,))
+            # ... and its rows whose pixels were since moved to a rewritten version (curation.pixels)
+            prefix = shard[: -len(".npy")] + ".v"
+            self.db.execute("DELETE FROM patches WHERE shard=? OR substr(shard, 1, ?) = ?", (shard, len(prefix), prefix))
             self.db.executemany(
                 f"INSERT INTO patches ({', '.join(PATCH_COLUMNS)}) VALUES ({', '.join('?' * len(PATCH_COLUMNS))})",
                 rows,
@@ -448,6 +454,21 @@ class Corpus:
         self.mean = float(stats.get("mean", 0.5))
         self.std = float(stats.get("std", 0.25))
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # most recently used last
+        self.status = status
+
+    @property
+    def has_pixels(self) -> np.ndarray:
+        """bool per patch: its pixels are stored (by default only kept patches have them)."""
+        return self.offsets >= 0
+
+    def _check_pixels(self, indices: np.ndarray) -> None:
+        missing = indices[self.offsets[indices] < 0]
+        if len(missing):
+            what = self.status or "duplicate|filtered"
+            raise ValueError(
+                f"{self.root}: patch #{int(self.ids[missing[0]])} ({len(missing)} of those asked for) has no pixels "
+                f"stored: this corpus stores the pixels of kept patches only; `cemnet curate recut {self.root} "
+                f"--status {what}` cuts them again from their sources")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -486,11 +507,13 @@ class Corpus:
     def __getitem__(self, i: int) -> np.ndarray:
         """Patch ``i`` as uint8 (h, w), cropped to its true size."""
         h, w = self.sizes[i]
+        self._check_pixels(np.array([i], dtype=np.int64))
         return np.asarray(self._shard(int(self.shard_index[i]))[self.offsets[i], :h, :w])
 
     def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, P, P) zero-padded patches and their true sizes (n, 2), read shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
+        self._check_pixels(indices)
         patches = read_rows(self._shard, self.shard_index[indices], self.offsets[indices], self.patch_size)
         return patches, self.sizes[indices]
 
@@ -577,6 +600,8 @@ def open_corpus(path: str | os.PathLike, **kwargs: Any) -> Corpus | TiffFolderCo
 def export_tiff_folder(corpus: Corpus, out: str | os.PathLike, progress: bool = True) -> int:
     """Write every patch of ``corpus`` as ``<source>-LOC-<axis>_<slice>_<y>_<x>.tiff`` (CEM500K names).
 
+    Patches without stored pixels (duplicates and filtered patches of an exemplars-only corpus)
+    are left out: ``cemnet curate recut`` writes those. Returns how many were written.
     Truncated edge patches are written at their true size, as CEM500K stores them. Also writes
     ``corpus_stats.json`` (mean/std) so :class:`TiffFolderCorpus` normalises identically.
     """
@@ -585,7 +610,8 @@ def export_tiff_folder(corpus: Corpus, out: str | os.PathLike, progress: bool = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(len(corpus)), desc="export tiff", unit="patch", disable=not progress):
+    stored = np.flatnonzero(corpus.has_pixels)
+    for i in tqdm(stored.tolist(), desc="export tiff", unit="patch", disable=not progress):
         tifffile.imwrite(out / f"{corpus.name_of(i)}.tiff", corpus[i])
     (out / "corpus_stats.json").write_text(json.dumps({"mean": corpus.mean, "std": corpus.std}))
-    return len(corpus)
+    return len(stored)
