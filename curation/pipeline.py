@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -474,6 +474,7 @@ class ExemplarStore:
             self.stage_dirs.append(str(index.root / "work" / "units"))
         discard_staged_units(self.stage_dirs)  # a killed run's (we hold the corpus lock)
         self.counts = {"patches": 0, "stored": 0}
+        self._deleter = ThreadPoolExecutor(max_workers=1)  # frees staging files off the main thread
 
     def _group(self, source: str) -> str:
         if self.settings.dedup_scope == "global":
@@ -500,7 +501,8 @@ class ExemplarStore:
             keys = visit_keys(self.settings.seed, cols[0], cols[3], np.array(cols[4], dtype=np.int64),
                               np.array(cols[5], dtype=np.int64), np.array(cols[6], dtype=np.int64))
             keep = self.tracker.admit(group, hash_from_db(np.array(cols[9], dtype=np.int64)), keys)
-            rows = store_unit_pixels(self.index.root, result.staged, result.shard, rows, keep)
+            rows = store_unit_pixels(self.index.root, result.staged, result.shard, rows, keep,
+                                     remove=lambda path: self._deleter.submit(os.unlink, path))
             self.counts["stored"] += int(keep.sum())
         else:
             self.counts["stored"] += len(rows)
@@ -508,6 +510,7 @@ class ExemplarStore:
         self.index.commit_task(source, result.key, result.shard, rows, result.seconds)
 
     def close(self) -> None:
+        self._deleter.shutdown(wait=True)
         discard_staged_units(self.stage_dirs)  # units in flight when the run stopped
 
 

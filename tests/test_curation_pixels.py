@@ -134,10 +134,10 @@ def test_staging_stays_within_units_in_flight_plus_exemplars(shared_data, tmp_pa
     real = pipeline.store_unit_pixels
     peaks = []
 
-    def measured(root, staged, shard, rows, keep):
+    def measured(root, staged, shard, rows, keep, remove=None):
         stage = sum(p.stat().st_size for d in settings_dirs for p in Path(d).glob("*.npy"))
         peaks.append((_shard_bytes(root) + stage, len(rows)))
-        return real(root, staged, shard, rows, keep)
+        return real(root, staged, shard, rows, keep, remove=None)  # removed at once, not in the background
 
     settings_dirs = [f"/dev/shm/{pipeline.StagingArea(tmp_path / 'c')._ram_prefix}units", str(tmp_path / "c/work/units")]
     monkeypatch.setattr(pipeline, "store_unit_pixels", measured)
