@@ -133,7 +133,12 @@ def _tool(argv: list[str]) -> int:
         if len(bad):
             print(f"{a.labels}: patch ids not in {a.corpus}: {bad[:10].tolist()}", file=sys.stderr)
             return 2
-        patches, sizes = corpus.get_padded(pos)
+        from curation.pixels import read_or_recut
+
+        patches, sizes, _, problems = read_or_recut(corpus, pos)  # labelled removed patches are re-cut
+        if problems:
+            print(f"{a.labels}: labelled patches cannot be read: {'; '.join(problems)}", file=sys.stderr)
+            return 2
         flt, metrics = train_logistic_filter(patches, sizes, np.array([labels[i] for i in ids], dtype=bool))
         flt.save(a.out)
         print(json.dumps(metrics, indent=1))

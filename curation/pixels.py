@@ -68,18 +68,8 @@ def store_unit_pixels(root: Path, staged: str, shard: str, rows: list[tuple], ke
 
 
 # ----------------------------------------------------------------------------- re-cutting
-def _box(rows: dict[str, np.ndarray], pick: np.ndarray, axis: str) -> tuple[slice, slice, slice]:
-    """The (z, y, x) box of the volume covering the patches ``pick`` (all cut in ``axis``)."""
-    s, y, x = rows["slice"][pick], rows["y"][pick], rows["x"][pick]
-    h, w = rows["h"][pick], rows["w"][pick]
-    plane_rows = slice(int(y.min()), int((y + h).max()))
-    plane_cols = slice(int(x.min()), int((x + w).max()))
-    through = slice(int(s.min()), int(s.max()) + 1)
-    if axis == "xy":
-        return through, plane_rows, plane_cols
-    if axis == "xz":  # the plane is (z, x) at y = slice
-        return plane_rows, through, plane_cols
-    return plane_rows, plane_cols, through  # yz: (z, y) at x = slice
+def _span(values: np.ndarray, sizes: np.ndarray) -> slice:
+    return slice(int(values.min()), int((values + sizes).max()))
 
 
 def recut_rows(spec_json: dict[str, Any], converter_json: dict[str, Any], rows: dict[str, np.ndarray],
@@ -87,39 +77,63 @@ def recut_rows(spec_json: dict[str, Any], converter_json: dict[str, Any], rows: 
     """Cut the patches described by ``rows`` (columns ``axis``, ``slice``, ``y``, ``x``, ``h``,
     ``w``; one source) again from the source: uint8 (n, P, P), zero-padded like the shards.
 
-    Reads, per plane orientation, the box covering the patches at once when it fits
-    ``memory_mb`` (a unit's patches do: units were planned that way), else plane by plane.
+    xy patches: one region read per slice that has some. xz / yz patches (their rows run along
+    z): the box covering them is read in z-blocks of at most ``memory_mb`` (float32), each block
+    once for all patches, so re-cutting a whole unit reads its part of the volume once. Where a
+    single plane of the box exceeds ``memory_mb``, each patch reads its own box instead.
     """
     from curation.convert import Uint8Converter
     from curation.readers import SourceSpec, open_volume
 
     converter = Uint8Converter(**converter_json)
-    p = patch_size
-    n = len(rows["axis"])
-    out = np.zeros((n, p, p), dtype=np.uint8)
+    p, budget = patch_size, memory_mb * 2**20
+    out = np.zeros((len(rows["axis"]), p, p), dtype=np.uint8)
     axes = np.asarray(rows["axis"]).astype(str)
+    s_, y_, x_ = (np.asarray(rows[c], dtype=np.int64) for c in ("slice", "y", "x"))
+    h_, w_ = np.asarray(rows["h"], dtype=np.int64), np.asarray(rows["w"], dtype=np.int64)
     with open_volume(SourceSpec.from_json(spec_json)) as volume:
         itemsize = max(np.dtype(volume.dtype).itemsize, 4)
-        for axis in ("xy", "xz", "yz"):
-            todo = np.flatnonzero(axes == axis)
-            if not len(todo):
+
+        def read(z: slice, y: slice, x: slice) -> np.ndarray:
+            return converter(volume.read(z, y, x))
+
+        for s in np.unique(s_[axes == "xy"]).tolist():  # xy: patch[a, b] = V[s, y + a, x + b]
+            pick = np.flatnonzero((axes == "xy") & (s_ == s))
+            ys, xs = _span(y_[pick], h_[pick]), _span(x_[pick], w_[pick])
+            groups = [pick] if (ys.stop - ys.start) * (xs.stop - xs.start) * itemsize <= budget else [[i] for i in pick]
+            for group in groups:
+                ys, xs = _span(y_[group], h_[group]), _span(x_[group], w_[group])
+                plane = read(slice(s, s + 1), ys, xs)[0]
+                for i in np.atleast_1d(group).tolist():
+                    out[i, : h_[i], : w_[i]] = plane[y_[i] - ys.start : y_[i] - ys.start + h_[i],
+                                                     x_[i] - xs.start : x_[i] - xs.start + w_[i]]
+        for axis in ("xz", "yz"):  # xz: patch[a, b] = V[y + a, s, x + b]; yz: V[y + a, x + b, s]
+            pick = np.flatnonzero(axes == axis)
+            if not len(pick):
                 continue
-            box = _box(rows, todo, axis)
-            whole = np.prod([b.stop - b.start for b in box]) * itemsize <= memory_mb * 2**20
-            groups = [todo] if whole else [todo[rows["slice"][todo] == s] for s in np.unique(rows["slice"][todo])]
-            for pick in groups:
-                z, y, x = box if whole else _box(rows, pick, axis)
-                block = converter(volume.read(z, y, x))
-                origin = (z.start, y.start, x.start)
-                for i in pick.tolist():
-                    s, py, px, h, w = (int(rows[c][i]) for c in ("slice", "y", "x", "h", "w"))
-                    if axis == "xy":
-                        part = block[s - origin[0], py - origin[1] : py - origin[1] + h, px - origin[2] : px - origin[2] + w]
-                    elif axis == "xz":
-                        part = block[py - origin[0] : py - origin[0] + h, s - origin[1], px - origin[2] : px - origin[2] + w]
-                    else:
-                        part = block[py - origin[0] : py - origin[0] + h, px - origin[1] : px - origin[1] + w, s - origin[2]]
-                    out[i, :h, :w] = part
+            through = _span(s_[pick], np.ones(len(pick), dtype=np.int64))
+            along = _span(x_[pick], w_[pick])
+            ybox, xbox = (through, along) if axis == "xz" else (along, through)
+            plane_bytes = (ybox.stop - ybox.start) * (xbox.stop - xbox.start) * itemsize
+            if plane_bytes > budget:  # a huge plane: each patch reads its own box
+                blocks = [(i, (slice(y_[i], y_[i] + h_[i]),) + ((slice(s_[i], s_[i] + 1), slice(x_[i], x_[i] + w_[i]))
+                           if axis == "xz" else (slice(x_[i], x_[i] + w_[i]), slice(s_[i], s_[i] + 1))))
+                          for i in pick.tolist()]
+            else:
+                zs = _span(y_[pick], h_[pick])
+                step = max(1, budget // plane_bytes)
+                blocks = [(None, (slice(z0, min(z0 + step, zs.stop)), ybox, xbox)) for z0 in range(zs.start, zs.stop, step)]
+            for only, (z, yb, xb) in blocks:
+                block = read(z, yb, xb)
+                for i in (pick if only is None else [only]):
+                    a0, a1 = max(y_[i], z.start), min(y_[i] + h_[i], z.stop)  # patch rows in this block
+                    if a0 >= a1:
+                        continue
+                    rows_in = slice(a0 - z.start, a1 - z.start)
+                    cols = slice(x_[i] - (xb.start if axis == "xz" else yb.start), None)
+                    cols = slice(cols.start, cols.start + w_[i])
+                    part = block[rows_in, s_[i] - yb.start, cols] if axis == "xz" else block[rows_in, cols, s_[i] - xb.start]
+                    out[i, a0 - y_[i] : a1 - y_[i], : w_[i]] = part
     return out
 
 
@@ -159,7 +173,8 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
 _TABLE = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash")
 
 
-def sync_pixels(index: CorpusIndex, want: Any, memory_mb: int = 256, progress: bool = True) -> dict[str, int]:
+def sync_pixels(index: CorpusIndex, want: Any, memory_mb: int = 256, progress: bool = True,
+                recut_batch: int = 2048) -> dict[str, int]:
     """Make the shards hold pixels exactly for the patches ``want(table)`` selects.
 
     ``want`` gets the patch table (columns of :data:`_TABLE` plus ``group_id``, ``status``,
@@ -190,45 +205,67 @@ def sync_pixels(index: CorpusIndex, want: Any, memory_mb: int = 256, progress: b
     p = index.patch_size
     bar = tqdm(total=len(touched), desc="pixels", unit="shard", disable=not progress)
     failed_sources: dict[str, str] = {}
+    superseded: list[str] = []
+    # Missing pixels are re-cut for several units of a source at once (one pass over its data),
+    # at most ``recut_batch`` patches at a time (bounded memory).
+    chunks: list[list[str]] = []
     for unit in touched:
-        bar.update(1)
-        rows = np.array(rows_of[unit], dtype=np.int64)  # in id order, as the table is
-        name = str(table["source"][rows[0]])
+        rows = rows_of[unit]
+        n_missing = int((wanted[rows] & ~have[rows]).sum())
+        last = chunks[-1] if chunks else None
+        same_source = last and table["source"][rows_of[last[0]][0]] == table["source"][rows[0]]
+        if same_source and sum(int((wanted[rows_of[u]] & ~have[rows_of[u]]).sum()) for u in last) + n_missing <= recut_batch:
+            last.append(unit)
+        else:
+            chunks.append([unit])
+    for chunk in chunks:
+        name = str(table["source"][rows_of[chunk[0]][0]])
         if name in failed_sources:
+            bar.update(len(chunk))
             continue
-        keep = rows[wanted[rows]]
-        new = np.zeros((len(keep), p, p), dtype=np.uint8)
-        old_shards = sorted(set(table["shard"][rows].tolist()))
-        from_old = keep[have[keep]]
-        if len(from_old):
-            old = np.load(index.root / old_shards[0], mmap_mode="r")  # a unit's rows share one shard
-            new[np.searchsorted(keep, from_old)] = old[table["offset"][from_old].astype(np.int64)]
-            del old
-        missing = keep[~have[keep]]
+        all_rows = np.concatenate([np.array(rows_of[u], dtype=np.int64) for u in chunk])
+        missing = all_rows[wanted[all_rows] & ~have[all_rows]]
+        cut: dict[int, np.ndarray] = {}
         if len(missing):
             try:
-                cut = recut_source_rows(sources[name], {c: table[c][missing] for c in columns}, p, memory_mb)
+                patches = recut_source_rows(sources[name], {c: table[c][missing] for c in columns}, p, memory_mb)
             except RecutError as err:
                 failed_sources[name] = str(err)
                 index.add_skipped(f"{sources[name]['path']} (re-cut)", str(err))
                 tqdm.write(f"skipped re-cutting {sources[name]['path']}: {err}", file=sys.stderr)
+                bar.update(len(chunk))
                 continue
-            new[np.searchsorted(keep, missing)] = cut
+            cut = dict(zip(missing.tolist(), patches))
             stats["recut"] += len(missing)
-        stats["dropped"] += int((have[rows] & ~wanted[rows]).sum())
-        version = max(unit_shard(s)[1] for s in old_shards) + 1
-        target = versioned(unit, version)
-        atomic_save_npy(index.root / target, new)
-        offsets = np.full(len(rows), -1, dtype=np.int64)
-        offsets[wanted[rows]] = np.arange(len(keep))
-        index.set_decisions(table["id"][rows].astype(np.int64),
-                            {"shard": np.full(len(rows), target, dtype=object), "offset": offsets})
-        index.flush()  # the index points at the new shard before the old one goes
-        for s in old_shards:
-            if s != target:
-                (index.root / s).unlink(missing_ok=True)
-        stats["shards"] += 1
+        for unit in chunk:
+            bar.update(1)
+            rows = np.array(rows_of[unit], dtype=np.int64)  # in id order, as the table is
+            keep = rows[wanted[rows]]
+            new = np.zeros((len(keep), p, p), dtype=np.uint8)
+            old_shards = sorted(set(table["shard"][rows].tolist()))
+            from_old = keep[have[keep]]
+            if len(from_old):
+                old = np.load(index.root / old_shards[0], mmap_mode="r")  # a unit's rows share one shard
+                new[np.searchsorted(keep, from_old)] = old[table["offset"][from_old].astype(np.int64)]
+                del old
+            for k, i in enumerate(keep.tolist()):
+                if i in cut:
+                    new[k] = cut[i]
+            stats["dropped"] += int((have[rows] & ~wanted[rows]).sum())
+            target = versioned(unit, max(unit_shard(s)[1] for s in old_shards) + 1)
+            atomic_save_npy(index.root / target, new)
+            offsets = np.full(len(rows), -1, dtype=np.int64)
+            offsets[wanted[rows]] = np.arange(len(keep))
+            index.set_decisions(table["id"][rows].astype(np.int64),
+                                {"shard": np.full(len(rows), target, dtype=object), "offset": offsets})
+            superseded += [s for s in old_shards if s != target]
+            stats["shards"] += 1
     bar.close()
+    # Old versions go only once the index points at the new ones (one commit, not one per shard:
+    # each commit costs several fsyncs); a crash before leaves the old ones in use.
+    index.flush()
+    for s in superseded:
+        (index.root / s).unlink(missing_ok=True)
     stats["failed"] = len(failed_sources)
     return stats
 
@@ -374,3 +411,39 @@ def recut_to_folder(root: str | os.PathLike, status: str, out: str | os.PathLike
         bar.update(len(pick))
     bar.close()
     return written, list(problems.values())
+
+
+def read_or_recut(corpus: Any, positions: np.ndarray,
+                  memory_mb: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Padded uint8 (n, P, P) patches and true sizes (n, 2) of ``corpus`` rows ``positions``
+    (a :class:`curation.corpus.Corpus`): stored pixels where it has them, else re-cut from the
+    sources. Also returns a bool mask of the patches that could not be re-cut (left 0) and one
+    problem per source that failed."""
+    from curation.corpus import read_only_index
+
+    positions = np.asarray(positions, dtype=np.int64)
+    p = corpus.patch_size
+    patches = np.zeros((len(positions), p, p), dtype=np.uint8)
+    stored = corpus.has_pixels[positions]
+    if stored.any():
+        patches[stored] = corpus.get_padded(positions[stored])[0]
+    problems, failed = [], np.zeros(len(positions), dtype=bool)
+    missing = np.flatnonzero(~stored)
+    if len(missing):
+        names = np.array([corpus.sources[corpus.source_index[i]] for i in positions[missing]], dtype=object)
+        with read_only_index(corpus.root) as db:
+            cur = db.execute("SELECT * FROM sources")
+            cols = [d[0] for d in cur.description]
+            sources = {r[cols.index("name")]: dict(zip(cols, r)) for r in cur.fetchall()}
+        for name in sorted(set(names.tolist())):
+            pick = missing[names == name]
+            at = positions[pick]
+            rows = {"id": corpus.ids[at], "axis": corpus.axes[at], "slice": corpus.slices[at], "y": corpus.ys[at],
+                    "x": corpus.xs[at], "h": corpus.sizes[at, 0], "w": corpus.sizes[at, 1],
+                    "hash": corpus.hashes[at].view(np.int64)}
+            try:
+                patches[pick] = recut_source_rows(sources[name], rows, p, memory_mb)
+            except RecutError as err:
+                problems.append(str(err))
+                failed[pick] = True
+    return patches, corpus.sizes[positions], failed, problems

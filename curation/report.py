@@ -65,22 +65,11 @@ _SHOWABLE = "(offset >= 0 OR axis = 'xy')"
 
 def _pixels(corpus: Corpus, index: CorpusIndex, ids: list[int]) -> list[np.ndarray | None]:
     """Patches ``ids`` at true size: stored pixels, or re-cut (None where that fails)."""
-    from curation.pixels import RecutError, recut_source_rows
+    from curation.pixels import read_or_recut
 
     pos = np.searchsorted(corpus.ids, np.asarray(ids, dtype=np.int64))
-    out: list[np.ndarray | None] = [corpus[int(i)] if corpus.has_pixels[i] else None for i in pos]
-    missing = [k for k, i in enumerate(pos) if not corpus.has_pixels[i]]
-    cols = ("id", "source", "axis", "slice", "y", "x", "h", "w", "hash")
-    for source in sorted({str(corpus.sources[corpus.source_index[pos[k]]]) for k in missing}):
-        ks = [k for k in missing if corpus.sources[corpus.source_index[pos[k]]] == source]
-        table = index.patch_table(cols, f"WHERE id IN ({', '.join(str(int(ids[k])) for k in ks)})")
-        try:
-            cut = recut_source_rows(index.source(source), table, index.patch_size)
-        except RecutError:
-            continue
-        for k, patch, h, w in zip(ks, cut, table["h"], table["w"]):
-            out[k] = patch[:h, :w]
-    return out
+    patches, sizes, failed, _ = read_or_recut(corpus, pos)
+    return [None if bad else patch[:h, :w] for patch, (h, w), bad in zip(patches, sizes, failed)]
 
 
 def _sample_status(corpus: Corpus, index: CorpusIndex, status: str, n: int, seed: int) -> tuple[list, list]:

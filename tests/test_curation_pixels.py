@@ -70,7 +70,21 @@ def test_default_corpus_stores_kept_pixels_only_and_decides_as_keep_all(neuropro
     assert _shard_bytes(lean) < _shard_bytes(full) * len(kept) / 750 * 1.05
     with pytest.raises(ValueError, match="recut"):  # one clear sentence, naming the command
         Corpus(lean, status="duplicate")[0]
-    assert "montage_kept.png" in (lean / "report/report.html").read_text()
+    html = (lean / "report/report.html").read_text()
+    assert "montage_kept.png" in html and "montage_duplicates.png" in html  # duplicates re-cut for it
+
+
+def test_train_filter_reads_labelled_patches_stored_or_not(neuroproof_pair, tmp_path):
+    from cemnet.cli import main
+
+    lean, _ = neuroproof_pair
+    with sqlite3.connect(lean / "index.sqlite") as db:
+        kept = [r[0] for r in db.execute("SELECT id FROM patches WHERE status='kept' AND axis='xy' LIMIT 20")]
+        dup = [r[0] for r in db.execute("SELECT id FROM patches WHERE status='duplicate' AND axis='yz' LIMIT 20")]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patch_id,informative\n" + "".join(f"{i},yes\n" for i in kept) + "".join(f"{i},no\n" for i in dup))
+    assert main(["curate", "train-filter", str(lean), "--labels", str(labels), "--out", str(tmp_path / "f.json")]) == 0
+    assert (tmp_path / "f.json").is_file()
 
 
 def test_recut_writes_removed_patches_equal_to_the_stored_ones(neuroproof_pair, tmp_path, capsys):
@@ -187,3 +201,20 @@ def test_online_exemplars_equal_the_greedy_rule_on_one_batch_and_rarely_miss_ove
     # The visiting order is a seeded shuffle, not the provenance order.
     assert not np.array_equal(visit_order(keys), np.arange(len(c)))
     assert not np.array_equal(visit_order(keys), visit_order(visit_keys(1, names, c.axes, c.slices, c.ys, c.xs)))
+
+
+def test_recut_reads_in_bounded_blocks_or_patch_by_patch_with_the_same_pixels(neuroproof_pair):
+    from curation.pixels import recut_rows
+
+    _, full = neuroproof_pair
+    c = Corpus(full, status=None)
+    pick = np.concatenate([np.flatnonzero(c.axes == a)[::40] for a in ("xy", "xz", "yz")])
+    rows = {"axis": c.axes[pick], "slice": c.slices[pick], "y": c.ys[pick], "x": c.xs[pick],
+            "h": c.sizes[pick, 0], "w": c.sizes[pick, 1]}
+    with sqlite3.connect(full / "index.sqlite") as db:
+        spec, rule = db.execute("SELECT reader, uint8_rule FROM sources WHERE name='np'").fetchone()
+    import json
+
+    stored, _ = c.get_padded(pick)
+    for memory_mb in (256, 1, 0):  # whole box; z-blocks of a few planes; every patch its own read
+        assert np.array_equal(recut_rows(json.loads(spec), json.loads(rule), rows, 224, memory_mb), stored), memory_mb
