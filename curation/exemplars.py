@@ -135,15 +135,24 @@ class OnlineExemplars:
             batch = faiss.IndexBinaryFlat(64)
             batch.add(codes)
             blims, _, bfound = batch.range_search(codes, radius)
-        admitted = np.zeros(n, dtype=bool)
-        for i in visit_order(keys):  # earlier-visited patches of the batch decide first
-            near = found[lims[i] : lims[i + 1]]
-            near = near[g.alive[near]]
-            if (g.keys[near] < keys[i]).any():
-                continue
-            if admitted[bfound[blims[i] : blims[i + 1]]].any():  # admitted ones were visited earlier
-                continue
-            admitted[i] = True
-            g.alive[near] = False  # every alive neighbour comes after it: claimed
+        # Plain Python over lists: per patch a few list lookups instead of numpy calls on tiny
+        # arrays (measured 90 -> a few us per patch; this runs in the main process).
+        lims_l, found_l, blims_l, bfound_l = lims.tolist(), found.tolist(), blims.tolist(), bfound.tolist()
+        near_key = g.keys[found].tolist()
+        near_alive = g.alive[found].tolist()
+        keys_l = keys.tolist()
+        admitted_l = [False] * n
+        claimed: set[int] = set()  # existing exemplars claimed by a patch of this batch
+        for i in visit_order(keys).tolist():  # earlier-visited patches of the batch decide first
+            k, lo, hi = keys_l[i], lims_l[i], lims_l[i + 1]
+            if any(near_alive[t] and near_key[t] < k and found_l[t] not in claimed for t in range(lo, hi)):
+                continue  # an exemplar visited earlier is within reach
+            if any(admitted_l[j] for j in bfound_l[blims_l[i] : blims_l[i + 1]]):
+                continue  # admitted ones of this batch were visited earlier
+            admitted_l[i] = True
+            claimed.update(found_l[t] for t in range(lo, hi) if near_alive[t])  # all come after it
+        if claimed:
+            g.alive[np.fromiter(claimed, dtype=np.int64)] = False
+        admitted = np.array(admitted_l, dtype=bool)
         g.add(codes[admitted], keys[admitted])
         return admitted

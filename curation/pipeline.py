@@ -922,18 +922,13 @@ def store_needed_pixels(index: CorpusIndex, settings: CurateSettings, progress: 
     """Before the filter: pixels for every exemplar it must judge or that stays kept (re-cut
     where extraction did not store them), and with ``keep_all_pixels`` for every patch."""
     t0 = time.perf_counter()
-    signature = filter_signature(settings)
-
-    def want(t: dict[str, np.ndarray]) -> np.ndarray:
-        have = t["offset"].astype(np.int64) >= 0
-        if settings.keep_all_pixels:
-            return np.ones(len(have), dtype=bool)
-        exemplar = t["group_id"].astype(np.int64) == t["id"].astype(np.int64)
-        judged_out = np.array([sig == signature and bool(why) for sig, why in zip(t["filter_sig"].tolist(),
-                                                                              t["filter_reason"].tolist())], dtype=bool)
-        return have | (exemplar & ~judged_out)
-
-    counts = sync_pixels(index, want, settings.memory_mb, progress)
+    if settings.keep_all_pixels:
+        want, params = "1", ()
+    else:  # has pixels, or an exemplar not already judged out by this very filter
+        want = ("offset >= 0 OR (group_id = id AND NOT (COALESCE(filter_sig = ?, 0) "
+                "AND COALESCE(filter_reason, '') != ''))")
+        params = (filter_signature(settings),)
+    counts = sync_pixels(index, want, params, settings.memory_mb, progress)
     index.record_stage("pixels", time.perf_counter() - t0, counts)
     return counts
 
@@ -944,7 +939,7 @@ def drop_unneeded_pixels(index: CorpusIndex, settings: CurateSettings, progress:
     if settings.keep_all_pixels:
         return {}
     t0 = time.perf_counter()
-    counts = sync_pixels(index, lambda t: t["status"] == "kept", settings.memory_mb, progress)
+    counts = sync_pixels(index, "status = 'kept'", (), settings.memory_mb, progress)
     index.flush()
     counts["swept"] = sweep_unreferenced_shards(index)
     seconds, info = index.stages().get("pixels", (0.0, {}))

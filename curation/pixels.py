@@ -173,29 +173,30 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
 _TABLE = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash")
 
 
-def sync_pixels(index: CorpusIndex, want: Any, memory_mb: int = 256, progress: bool = True,
+def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: int = 256, progress: bool = True,
                 recut_batch: int = 2048) -> dict[str, int]:
-    """Make the shards hold pixels exactly for the patches ``want(table)`` selects.
+    """Make the shards hold pixels exactly for the patches the SQL condition ``want`` selects
+    (over the ``patches`` table, with ``params``).
 
-    ``want`` gets the patch table (columns of :data:`_TABLE` plus ``group_id``, ``status``,
-    ``filter_sig``, ``filter_reason``) and returns a bool per row. Only shards whose set of
-    patches with pixels changes are rewritten; pixels that are kept are copied from the old
-    shard, missing ones re-cut. A source that cannot be re-cut is reported (skipped table, stderr)
-    and its patches stay without pixels. Returns counts: ``recut``, ``dropped``, ``shards``,
-    ``failed``.
+    Only shards whose set of patches with pixels changes are read and rewritten (SQLite finds
+    them; the rest of the corpus costs one scan in C); pixels that are kept are copied from the
+    old shard, missing ones re-cut. A source that cannot be re-cut is reported (skipped table,
+    stderr) and its patches stay without pixels. Returns counts: ``recut``, ``dropped``,
+    ``shards``, ``failed``.
     """
     from tqdm import tqdm
 
-    columns = (*_TABLE, "group_id", "status", "filter_sig", "filter_reason")
-    table = index.patch_table(columns)
+    columns = (*_TABLE, "group_id", "status")
     stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
+    table = index.patch_table(
+        (*columns, f"CASE WHEN {want} THEN 1 ELSE 0 END"),
+        f"WHERE shard IN (SELECT DISTINCT shard FROM patches WHERE (CASE WHEN {want} THEN 1 ELSE 0 END) "
+        "!= (offset >= 0))", params * 2)
     if len(table["id"]) == 0:
         return stats
-    wanted = np.asarray(want(table), dtype=bool)
+    wanted = table.pop(f"CASE WHEN {want} THEN 1 ELSE 0 END").astype(bool)
     have = table["offset"].astype(np.int64) >= 0
     change = wanted != have
-    if not change.any():
-        return stats
     units = np.array([unit_shard(s)[0] for s in table["shard"].tolist()], dtype=object)
     touched = sorted(set(units[change].tolist()))
     rows_of: dict[str, list[int]] = {u: [] for u in touched}
