@@ -188,10 +188,12 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
 
     columns = (*_TABLE, "group_id", "status")
     stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
+    # Rows of the shards to rewrite that have or get pixels: the others (most of them) keep
+    # offset -1 and follow their unit's shard name in one UPDATE per unit.
     table = index.patch_table(
         (*columns, f"CASE WHEN {want} THEN 1 ELSE 0 END"),
-        f"WHERE shard IN (SELECT DISTINCT shard FROM patches WHERE (CASE WHEN {want} THEN 1 ELSE 0 END) "
-        "!= (offset >= 0))", params * 2)
+        f"WHERE (offset >= 0 OR ({want})) AND shard IN (SELECT DISTINCT shard FROM patches "
+        f"WHERE (CASE WHEN {want} THEN 1 ELSE 0 END) != (offset >= 0))", params * 3)
     if len(table["id"]) == 0:
         return stats
     wanted = table.pop(f"CASE WHEN {want} THEN 1 ELSE 0 END").astype(bool)
@@ -238,7 +240,7 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
                 continue
             cut = dict(zip(missing.tolist(), patches))
             stats["recut"] += len(missing)
-        for unit in chunk:
+        for unit in chunk:  # all units of a chunk belong to source ``name``
             bar.update(1)
             rows = np.array(rows_of[unit], dtype=np.int64)  # in id order, as the table is
             keep = rows[wanted[rows]]
@@ -257,8 +259,12 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
             atomic_save_npy(index.root / target, new)
             offsets = np.full(len(rows), -1, dtype=np.int64)
             offsets[wanted[rows]] = np.arange(len(keep))
-            index.set_decisions(table["id"][rows].astype(np.int64),
-                                {"shard": np.full(len(rows), target, dtype=object), "offset": offsets})
+            moved = offsets != table["offset"][rows].astype(np.int64)  # most rows keep theirs (-1)
+            with index.write():  # all of the unit's rows point at the new version, in one change
+                for old_name in old_shards:  # one statement per unit, not one per row
+                    index.db.execute("UPDATE patches SET shard=? WHERE source=? AND shard=?", (target, name, old_name))
+                index.db.executemany("UPDATE patches SET offset=? WHERE id=?",
+                                     zip(offsets[moved].tolist(), table["id"][rows][moved].astype(np.int64).tolist()))
             superseded += [s for s in old_shards if s != target]
             stats["shards"] += 1
     bar.close()
@@ -275,11 +281,13 @@ def sweep_unreferenced_shards(index: CorpusIndex) -> int:
     """Remove shard files of this corpus that no patch row points at (left by a crash between a
     rewrite's commit and the removal of the old version). Returns how many were removed."""
     used = {r[0] for r in index.db.execute("SELECT DISTINCT shard FROM patches")}
-    tasks = {f"shards/{s}/{k}.npy" for s, k in index.db.execute("SELECT source, key FROM tasks")}
+    units_used = {unit_shard(s)[0] for s in used}
+    # A unit that cut no patch at all keeps its empty shard under its own name.
+    empty = {f"shards/{s}/{k}.npy" for s, k in index.db.execute("SELECT source, key FROM tasks")} - units_used
     removed = 0
     for path in (index.root / "shards").glob("*/*.npy"):
         rel = path.relative_to(index.root).as_posix()
-        if rel not in used and (rel not in tasks or unit_shard(rel)[1]):
+        if rel not in used and rel not in empty:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -390,8 +398,11 @@ def recut_to_folder(root: str | os.PathLike, status: str, out: str | os.PathLike
         patches = np.zeros((len(pick), patch_size, patch_size), dtype=np.uint8)
         stored = offsets >= 0
         if stored.any():
-            shard = np.load(root / str(table["shard"][pick[0]]), mmap_mode="r")
-            patches[stored] = shard[offsets[stored]]
+            try:
+                shard = np.load(root / str(table["shard"][pick[0]]), mmap_mode="r")
+                patches[stored] = shard[offsets[stored]]
+            except (OSError, ValueError, IndexError):  # rewritten by a curate run since: re-cut them
+                stored[:] = False
         if (~stored).any():
             need = pick[~stored]
             sub = {c: (table[c][need].astype(np.int64) if c not in ("axis", "source", "shard") else table[c][need])
