@@ -418,10 +418,10 @@ class StagingArea:
                        "corpus, else remove them by hand", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = tuple(shape["zyx".index(a)] for a in layout)
+        self.live.setdefault(source, []).append(path)  # before it exists: a Ctrl-C in between still removes it
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
         if path == disk:
             _reserve(path, nbytes)
-        self.live.setdefault(source, []).append(path)
         if path == ram:
             self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
         return str(path)
