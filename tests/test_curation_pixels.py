@@ -261,3 +261,37 @@ def test_killed_while_rewriting_shards_leaves_a_consistent_corpus(shared_data, t
     referenced = {str(s) for s in Corpus(tmp_path / "c", status=None).shards}
     on_disk = {p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c/shards").rglob("*.npy")}
     assert on_disk == referenced  # no orphaned versions left
+
+
+def test_verify_checks_the_shard_files_that_hold_pixels_and_a_damaged_version_is_cut_again(
+        neuroproof_pair, tmp_path, shared_data):
+    """Checksums follow the pixels: exemplars-only shards, their rewritten versions (.vN) and
+    --keep-all-pixels shards verify intact with the number of patches they hold; a rewritten
+    version damaged in the middle is named by verify and cut again by the next run."""
+    from curation.corpus import verify_shards
+
+    lean, full = neuroproof_pair
+    problems, counts = verify_shards(lean, progress=False)
+    assert problems == [] and counts["unverified"] == 0
+    assert counts["patches"] == int(Corpus(lean, status=None).has_pixels.sum()) == len(Corpus(lean))
+    problems, counts = verify_shards(full, progress=False)
+    assert problems == [] and counts["patches"] == 750 and counts["unverified"] == 0
+
+    c = tmp_path / "c"
+    shutil.copytree(lean, c)
+    with sqlite3.connect(c / "index.sqlite") as db:
+        shard, n = db.execute("SELECT shard, COUNT(*) FROM patches WHERE offset >= 0 AND shard LIKE '%.v%.npy' "
+                              "GROUP BY shard ORDER BY 2 DESC LIMIT 1").fetchone()
+    size = (c / shard).stat().st_size
+    with open(c / shard, "r+b") as fh:  # same size, same header: only the checksum can tell
+        fh.seek(size // 2)
+        fh.write(bytes(4096))
+    problems, _ = verify_shards(c, progress=False)
+    assert [(p["shard"], p["patches"]) for p in problems] == [(shard, n)]
+    assert "checksum mismatch" in problems[0]["problem"]
+
+    spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
+    curate([spec], c, CurateSettings(patches_per_unit=128), workers=1, progress=False, report=False)
+    assert verify_shards(c, progress=False)[0] == []
+    assert _statuses(c) == _statuses(lean)
+    assert _same_kept_pixels(c, lean) == len(Corpus(lean))
