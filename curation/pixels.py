@@ -152,10 +152,11 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
 
     path = source["path"]
     try:
-        if source.get("fingerprint") and source_fingerprint(path) != source["fingerprint"]:
+        spec = json.loads(source["reader"])
+        # fingerprinted as when it was cut: with its key (a remote store digests the metadata below it)
+        if source.get("fingerprint") and source_fingerprint(path, spec.get("key")) != source["fingerprint"]:
             raise RecutError(f"{path}: the source changed since its patches were cut; run `cemnet curate` "
                              "on it again to cut it anew")
-        spec = json.loads(source["reader"])
         patches = recut_rows(spec, json.loads(source["uint8_rule"]), rows, patch_size, memory_mb)
     except RecutError:
         raise
