@@ -295,3 +295,26 @@ def test_verify_checks_the_shard_files_that_hold_pixels_and_a_damaged_version_is
     assert verify_shards(c, progress=False)[0] == []
     assert _statuses(c) == _statuses(lean)
     assert _same_kept_pixels(c, lean) == len(Corpus(lean))
+
+
+def test_unit_staging_left_by_a_killed_run_is_found_by_its_clean_up(tmp_path, shared_data):
+    """The staged patches of units in flight when a run is SIGKILLed are among the leftovers its
+    clean-up process (and the next run) removes, in RAM and in CORPUS/work/units, and only this
+    corpus's."""
+    from curation.pixels import save_staged
+
+    from PIL import Image
+
+    plane = np.asarray(Image.open(sorted((shared_data / ISBI).glob("*.png"))[0]).convert("L"))[None, :224, :224]
+    area, other = pipeline.StagingArea(tmp_path / "c"), pipeline.StagingArea(tmp_path / "other")
+    dirs = [str(d) for d in area.unit_dirs()]
+    staged = [save_staged(dirs, "np", "xy-00000", plane), save_staged(dirs[-1:], "np", "xz-00001", plane)]
+    theirs = save_staged([str(d) for d in other.unit_dirs()], "np", "xy-00000", plane)
+    try:
+        assert {str(p) for p in area._leftovers()} == set(staged)
+        area.discard_leftovers()
+        assert not any(Path(p).exists() for p in staged) and Path(theirs).exists()
+    finally:
+        for p in [*staged, theirs]:
+            Path(p).unlink(missing_ok=True)
+        pipeline.discard_staged_units(dirs + [str(d) for d in other.unit_dirs()])
