@@ -101,7 +101,8 @@ def _tool_parser(tool: str) -> argparse.ArgumentParser:
     elif tool == "recut":
         p.add_argument("--status", required=True, choices=["duplicate", "filtered", "kept", "all"],
                        help="which patches to re-cut (stored pixels are copied, the others cut from their sources)")
-        p.add_argument("--dataset", action="append", help="only sources of this dataset (repeatable)")
+        p.add_argument("--dataset", action="append",
+                       help="only sources of this dataset (repeatable) (default: every dataset)")
         p.add_argument("--out", help="folder for the TIFFs and patches.csv (default: CORPUS/recut/STATUS)")
         p.add_argument("--memory-mb", type=int, default=256, help="bound on the source data read at once (MB)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -218,6 +219,9 @@ def verify(corpus: str, progress: bool = True) -> int:
         return 2
     unverified = (f"; {counts['unverified']} written before checksums existed: their shape alone was checked"
                   if counts["unverified"] else "")
+    if counts.get("no_pixels"):
+        unverified += (f"; {counts['no_pixels']} work units store no pixels (their patches are duplicates or "
+                       "filtered: `cemnet curate recut` cuts them from the sources)")
     if not problems:
         print(f"{corpus}: all {counts['shards']} shards ({counts['patches']} patches) intact{unverified}")
         return 0

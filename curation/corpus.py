@@ -167,7 +167,8 @@ def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
 
     Returns (problems, counts): one dict per bad shard (``source``, ``key``, ``shard``,
     ``patches``: how many it should hold, ``problem``), and ``{"shards", "patches",
-    "unverified"}`` (unverified: shards from before checksums, whose shape alone was checked)."""
+    "unverified", "no_pixels"}`` (unverified: shards from before checksums, whose shape alone was
+    checked; no_pixels: finished units with no pixels stored, not counted in ``shards``)."""
     from tqdm import tqdm
 
     from curation.pixels import unit_shard
@@ -190,12 +191,13 @@ def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
         raise CorpusError(root, f"cannot read the corpus's index ({err})") from None
     wanted = None if sources is None else set(sources)
     tasks = [t for t in tasks if wanted is None or t[0] in wanted]
-    problems, counts = [], {"shards": 0, "patches": 0, "unverified": 0}
+    problems, counts = [], {"shards": 0, "patches": 0, "unverified": 0, "no_pixels": 0}
     for source, key, checksum in tqdm(tasks, desc="verify", unit="shard", disable=not progress):
         unit = f"shards/{source}/{key}.npy"
         files = stored.get(unit, [(unit, 0, -1)])
         shard, n, last = max(files, key=lambda f: f[1])
         if n == 0 and len(files) == 1:  # no pixels stored for this unit: nothing to lose
+            counts["no_pixels"] += 1
             continue
         if len(files) > 1:  # a rewrite points every row of a unit at its new version at once
             problem = f"the index spreads the unit's rows over {len(files)} shard versions"

@@ -273,9 +273,14 @@ def test_verify_checks_the_shard_files_that_hold_pixels_and_a_damaged_version_is
     lean, full = neuroproof_pair
     problems, counts = verify_shards(lean, progress=False)
     assert problems == [] and counts["unverified"] == 0
+    with sqlite3.connect(lean / "index.sqlite") as db:
+        units = db.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0]
+        empty = db.execute("SELECT COUNT(*) FROM (SELECT shard FROM patches GROUP BY shard "
+                           "HAVING MAX(offset) < 0)").fetchone()[0]
+    assert counts["shards"] + counts["no_pixels"] == units and counts["no_pixels"] == empty
     assert counts["patches"] == int(Corpus(lean, status=None).has_pixels.sum()) == len(Corpus(lean))
     problems, counts = verify_shards(full, progress=False)
-    assert problems == [] and counts["patches"] == 750 and counts["unverified"] == 0
+    assert problems == [] and counts["patches"] == 750 and counts["unverified"] == counts["no_pixels"] == 0
 
     c = tmp_path / "c"
     shutil.copytree(lean, c)
@@ -318,3 +323,17 @@ def test_unit_staging_left_by_a_killed_run_is_found_by_its_clean_up(tmp_path, sh
         for p in [*staged, theirs]:
             Path(p).unlink(missing_ok=True)
         pipeline.discard_staged_units(dirs + [str(d) for d in other.unit_dirs()])
+
+
+def test_verify_counts_units_without_pixels_as_intact(tmp_path, shared_data, capsys):
+    """A filter that removes every patch leaves units with no pixels stored: nothing is damaged."""
+    from curation.cli import verify
+
+    spec = SourceSpec(path=str(shared_data / ISBI), name="isbi", stack=True, voxel_size=(50, 4, 4))
+    out = curate([spec], tmp_path / "c", CurateSettings(filter="stats:min_std=1000"), workers=1, progress=False,
+                 report=False)
+    assert len(Corpus(out)) == 0 and len(Corpus(out, status=None)) == 120
+    capsys.readouterr()
+    assert verify(str(out), progress=False) == 0
+    text = capsys.readouterr().out
+    assert "all 0 shards (0 patches) intact" in text and "work units store no pixels" in text
