@@ -295,6 +295,22 @@ def test_verify_checks_the_shard_files_that_hold_pixels_and_a_damaged_version_is
     assert [(p["shard"], p["patches"]) for p in problems] == [(shard, n)]
     assert "checksum mismatch" in problems[0]["problem"]
 
+    # Dropping the unit (what a run does, also when its source is not among the run's) removes
+    # every row of it, with pixels or without, and every version of its shard file.
+    from curation.corpus import CorpusIndex
+
+    dropped = tmp_path / "dropped"
+    shutil.copytree(c, dropped)
+    index = CorpusIndex(dropped)
+    try:
+        assert index.drop_task(problems[0]["source"], problems[0]["key"]) > n
+        unit = f"shards/{problems[0]['source']}/{problems[0]['key']}"
+        assert index.db.execute("SELECT COUNT(*) FROM patches WHERE shard LIKE ?", (unit + ".%",)).fetchone()[0] == 0
+    finally:
+        index.close()
+    assert not list((dropped / unit).parent.glob(Path(unit).name + ".*npy"))
+    assert verify_shards(dropped, progress=False)[0] == []
+
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     curate([spec], c, CurateSettings(patches_per_unit=128), workers=1, progress=False, report=False)
     assert verify_shards(c, progress=False)[0] == []
