@@ -1,6 +1,6 @@
 """Curation speed: end-to-end patches/s vs the CEM500K reference scripts, and dedup time at scale.
 
-    python benchmarks/bench_curation.py extract [--workers 2] [--size 400 1000 1000]
+    python benchmarks/bench_curation.py extract [--workers 2] [--size 500 1030 1030] [--workdir /tmp /dev/shm]
     python benchmarks/bench_curation.py dedup [--n 1000000 10000000]
     python benchmarks/bench_curation.py files [--workers 2] [--copies 8]
     python benchmarks/bench_curation.py large2d [--side 12000]
@@ -168,56 +168,103 @@ def _settle() -> None:
     time.sleep(1.0)
 
 
-def _timed_curate(specs: list, out: Path, workers: int) -> tuple[int, float]:
-    """Run ``cemnet curate`` on ``specs`` after a sync; returns (patches extracted, seconds)."""
+def disk_bytes_written() -> int:
+    """Bytes this process and its reaped children (pool workers) handed to block devices:
+    ``write_bytes - cancelled_write_bytes`` of ``/proc/self/io`` (files deleted before write-back,
+    such as scratch, cost nothing; writes to /dev/shm are not disk writes). 0 where unsupported."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines() if line)
+    except OSError:
+        return 0
+    return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+
+
+def _tree_bytes(*paths: Path) -> int:
+    return sum(f.stat().st_size for p in paths for f in Path(p).rglob("*") if f.is_file())
+
+
+def _timed_curate(specs: list, out: Path, workers: int, keep_all_pixels: bool = False) -> tuple[int, float, int]:
+    """Run ``cemnet curate`` on ``specs`` after a sync; returns (patches extracted, seconds,
+    disk bytes written)."""
     from curation.corpus import Corpus
     from curation.pipeline import CurateSettings, curate
 
     _settle()
+    written = disk_bytes_written()
     t0 = time.perf_counter()
-    curate(specs, out, CurateSettings(), workers=workers, progress=False, report=False)
+    curate(specs, out, CurateSettings(keep_all_pixels=keep_all_pixels), workers=workers, progress=False, report=False)
     total = time.perf_counter() - t0
-    return len(Corpus(out, status=None)), total
+    return len(Corpus(out, status=None)), total, disk_bytes_written() - written
 
 
-def bench_extract(shape, workers: int, reference: bool = True, workdir: str | None = None) -> None:
+def bench_extract(shape, workers: int, reference: bool = True, workdirs: list[str | None] = (None,),
+                  repeat: int = 1) -> None:
+    """cemnet (exemplars-only default, and ``--keep-all-pixels``) and the CEM500K scripts on one
+    volume, per work folder: patches/s end to end, disk bytes written and bytes stored per input
+    byte. ``repeat`` runs everything that many times (the machine is shared: take the best)."""
     from curation.corpus import CorpusIndex
     from curation.readers import SourceSpec
 
-    work = Path(tempfile.mkdtemp(prefix="cemnet-bench-", dir=workdir))
-    try:
-        vol = work / "neuroproof_tiled.tif"
-        make_volume(shape, vol)
-        print(f"volume {shape} uint8 ({np.prod(shape) / 1e6:.0f} Mvoxel), real NeuroProof FIB-SEM mirrored; {workers} processes")
-        out = work / "corpus"
-        n, total = _timed_curate([SourceSpec(path=str(vol), name="neuroproof_tiled")], out, workers)
-        idx = CorpusIndex(out)
-        stages = {k: v[0] for k, v in idx.stages().items()}
-        n_ex = idx.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0]
-        idx.close()
-        ours = n / total
-        print(f"cemnet curate: {n} patches in {total:.1f} s = {ours:.0f} patches/s end to end, {n_ex} exemplars "
-              f"(extract {stages['extract']:.1f} s, dedup {stages['dedup']:.1f} s, filter {stages['filter']:.1f} s)")
-        bench_verify(out)
-        if not reference:
-            return
-        print("CEM500K reference scripts on the same file (cross_section3d.py -> crop_patches.py -> deduplicate.py):")
-        for split, label in ((False, "as written (one process per volume file while slicing)"),
-                             (True, "slicing split over the processes too (kinder than the scripts)")):
-            _settle()
-            r = reference_pipeline(vol, shape, work, workers, split_slicing=split)
-            before_dedup = r["slicing"] + r["patching_hashing"]
-            print(f"  {label}: {r['patches']} patches, {r['exemplars']} exemplars; slicing {r['slicing']:.1f} s, "
-                  f"patching+hashing {r['patching_hashing']:.1f} s, dedup {r['dedup']:.1f} s")
-            print(f"    up to hashes: {r['patches'] / before_dedup:.0f} patches/s -> cemnet {ours / (r['patches'] / before_dedup):.1f}x; "
-                  f"with dedup: {r['patches'] / r['total']:.0f} patches/s -> cemnet {ours / (r['patches'] / r['total']):.1f}x")
+    volume_bytes = int(np.prod(shape))
+    print(f"volume {shape} uint8 ({volume_bytes / 1e6:.0f} MB), real NeuroProof FIB-SEM mirrored; "
+          f"{workers} processes; best of {repeat}")
+    for workdir in workdirs:
+        work = Path(tempfile.mkdtemp(prefix="cemnet-bench-", dir=workdir))
+        rows: dict[str, list[tuple]] = {}
+        try:
+            vol = work / "neuroproof_tiled.tif"
+            make_volume(shape, vol)
+            for attempt in range(repeat):
+                for label, keep_all in (("cemnet curate (default: exemplar pixels only)", False),
+                                        ("cemnet curate --keep-all-pixels", True)):
+                    out = work / "corpus"
+                    shutil.rmtree(out, ignore_errors=True)
+                    n, total, written = _timed_curate([SourceSpec(path=str(vol), name="neuroproof_tiled")], out,
+                                                      workers, keep_all)
+                    idx = CorpusIndex(out)
+                    stages = {k: v[0] for k, v in idx.stages().items()}
+                    n_ex = idx.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0]
+                    idx.close()
+                    rows.setdefault(label, []).append((n, n_ex, total, written, _tree_bytes(out)))
+                    print(f"  {label}: {n} patches, {n_ex} exemplars, {total:.1f} s (extract {stages['extract']:.1f} "
+                          f"s, dedup {stages['dedup']:.1f} s, pixels {stages.get('pixels', 0):.1f} s, "
+                          f"filter {stages['filter']:.1f} s)")
+                    sys.stdout.flush()
+                    if attempt == 0:  # what the checksums of the shards this run stored cost
+                        bench_verify(out)
+                if not reference:
+                    continue
+                for split, label in ((False, "CEM500K scripts as written (one process per volume file while slicing)"),
+                                     (True, "CEM500K scripts, slicing split over the processes (kinder)")):
+                    _settle()
+                    written = disk_bytes_written()
+                    r = reference_pipeline(vol, shape, work, workers, split_slicing=split)
+                    written = disk_bytes_written() - written
+                    stored = _tree_bytes(work / "ref_slices", work / "ref_patches")
+                    rows.setdefault(label, []).append((r["patches"], r["exemplars"], r["total"], written, stored))
+                    print(f"  {label}: slicing {r['slicing']:.1f} s, patching+hashing {r['patching_hashing']:.1f} s, "
+                          f"dedup {r['dedup']:.1f} s")
+                    sys.stdout.flush()
+            where = workdir or tempfile.gettempdir()
+            print(f"\nin {where} ({'RAM' if str(where).startswith('/dev/shm') else 'disk'}), best of {repeat}:")
+            print("| run | patches | exemplars | seconds | patches/s | vs scripts as written "
+                  "| disk bytes written / input byte | bytes stored / input byte |")
+            print("|---|---|---|---|---|---|---|---|")
+            best = {k: min(v, key=lambda r: r[2]) for k, v in rows.items()}
+            ref = next((v for k, v in best.items() if "as written" in k), None)
+            for label, (n, n_ex, total, written, stored) in best.items():
+                speed = n / total
+                vs = f"{speed / (ref[0] / ref[2]):.1f}x" if ref else "-"
+                print(f"| {label} | {n} | {n_ex} | {total:.1f} | {speed:.0f} | {vs} | "
+                      f"{written / volume_bytes:.2f} | {stored / volume_bytes:.2f} |")
             sys.stdout.flush()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_verify(out: Path) -> None:
-    """What shard checksums cost: computing them (in the workers, as shards are written) and
+    """What shard checksums cost: computing them (as shards are written: in the workers, or in the
+    main process for the exemplars-only shards it writes) and
     checking the whole corpus (`cemnet curate verify`, and the first step of every re-run)."""
     from curation.corpus import shard_checksum, verify_shards
 
@@ -258,7 +305,7 @@ def bench_files(workers: int, copies: int = 1, workdir: str | None = None) -> No
                     except OSError:  # another file system: copy
                         shutil.copyfile(spec.path, target)
             specs, _ = discover([str(links)])
-        n, total = _timed_curate(specs, work / "corpus", workers)
+        n, total, _ = _timed_curate(specs, work / "corpus", workers)
         print(f"cemnet curate ({Path(curation.__file__).parent}): {len(specs)} 2D sources, {n} patches in "
               f"{total:.2f} s = {len(specs) / total:.0f} sources/s, {n / total:.0f} patches/s, {workers} processes")
     finally:
@@ -280,7 +327,7 @@ def bench_large_2d(side: int, workers: int, workdir: str | None = None) -> None:
     try:
         path = work / "mosaic_u16.tif"
         tifffile.imwrite(path, _mirror_tile(base, (side, side)))
-        n, total = _timed_curate([SourceSpec(path=str(path))], work / "corpus", workers)
+        n, total, _ = _timed_curate([SourceSpec(path=str(path))], work / "corpus", workers)
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         print(f"cemnet curate ({Path(curation.__file__).parent}): {side}^2 uint16 2D image ({side * side * 2 / 2**20:.0f} MB),"
               f" {n} patches in {total:.2f} s = {n / total:.0f} patches/s; largest worker {rss:.2f} GB; {workers} processes")
@@ -349,10 +396,12 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     e = sub.add_parser("extract")
     e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--size", type=int, nargs=3, default=[400, 1000, 1000])
+    e.add_argument("--size", type=int, nargs=3, default=[500, 1030, 1030])
     e.add_argument("--no-reference", action="store_true", help="time cemnet only")
-    e.add_argument("--workdir", help="where the volume and all outputs go (default: the system temp folder); "
-                   "/dev/shm takes the disk out of the comparison")
+    e.add_argument("--workdir", nargs="+", default=[None],
+                   help="where the volume and all outputs go (default: the system temp folder); several: one "
+                   "comparison in each; /dev/shm takes the disk out of the comparison")
+    e.add_argument("--repeat", type=int, default=1, help="run everything this many times, report the best")
     d = sub.add_parser("dedup")
     d.add_argument("--n", type=int, nargs="+", default=[1_000_000, 10_000_000])
     g = sub.add_parser("large2d")
@@ -365,7 +414,7 @@ def main() -> None:
     f.add_argument("--workdir", help="where the corpus goes (default: the system temp folder)")
     a = p.parse_args()
     if a.what == "extract":
-        bench_extract(tuple(a.size), a.workers, reference=not a.no_reference, workdir=a.workdir)
+        bench_extract(tuple(a.size), a.workers, reference=not a.no_reference, workdirs=a.workdir, repeat=a.repeat)
     elif a.what == "large2d":
         bench_large_2d(a.side, a.workers, workdir=a.workdir)
     elif a.what == "files":

@@ -5,6 +5,8 @@
     cemnet curate train-filter CORPUS --labels CSV --out filter.json
     cemnet curate report CORPUS                          rewrite the report
     cemnet curate verify CORPUS                          check every shard against its checksum
+    cemnet curate recut CORPUS --status duplicate|filtered [--dataset D] [--out DIR]
+                                                         re-cut removed patches (TIFFs) from their sources
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ TOOLS = {
     "train-filter": "train a logistic patch filter from your labels (CSV of patch_id,informative)",
     "report": "write the corpus report again (report/report.html)",
     "verify": "check every shard against the checksum in the index; list the damaged ones",
+    "recut": "re-cut removed patches (no pixels stored) from their sources as 8-bit TIFFs + patches.csv",
 }
 
 
@@ -76,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="Dask scheduler address: run the units on that cluster (shared filesystem) "
                    "(default: local processes)")
     p.add_argument("--memory-mb", type=int, default=d.memory_mb, help="bound on the data one unit holds (MB)")
+    p.add_argument("--keep-all-pixels", action="store_true",
+                   help="store the pixels of duplicates and filtered patches too (else kept patches only; "
+                   "the others keep their provenance and can be re-cut: cemnet curate recut)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -92,6 +98,14 @@ def _tool_parser(tool: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="filter file to write (JSON); use with --filter logistic:FILE")
     elif tool == "verify":
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    elif tool == "recut":
+        p.add_argument("--status", required=True, choices=["duplicate", "filtered", "kept", "all"],
+                       help="which patches to re-cut (stored pixels are copied, the others cut from their sources)")
+        p.add_argument("--dataset", action="append",
+                       help="only sources of this dataset (repeatable) (default: every dataset)")
+        p.add_argument("--out", help="folder for the TIFFs and patches.csv (default: CORPUS/recut/STATUS)")
+        p.add_argument("--memory-mb", type=int, default=256, help="bound on the source data read at once (MB)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -136,8 +150,23 @@ def _run_tool(tool: str, a: argparse.Namespace) -> int:
     if tool == "export-tiff":
         from curation.corpus import Corpus, export_tiff_folder
 
-        n = export_tiff_folder(Corpus(a.corpus, status=None if a.status == "all" else a.status), a.out)
+        corpus = Corpus(a.corpus, status=None if a.status == "all" else a.status)
+        n = export_tiff_folder(corpus, a.out)
         print(f"wrote {n} patches to {a.out}")
+        if n < len(corpus):
+            print(f"{len(corpus) - n} patches have no pixels stored in {a.corpus} (it keeps kept patches only); "
+                  f"`cemnet curate recut {a.corpus} --status {a.status}` cuts them from their sources")
+    elif tool == "recut":
+        from curation.pixels import recut_to_folder
+
+        try:
+            n, problems = recut_to_folder(a.corpus, a.status, a.out, a.dataset, a.memory_mb, not a.no_progress)
+        except OSError as err:  # FileNotFoundError included
+            print(f"cemnet curate recut: {err}", file=sys.stderr)
+            return 2
+        target = a.out or str(Path(a.corpus) / "recut" / a.status)
+        print(f"wrote {n} patches to {target}" + (f"; {len(problems)} source(s) could not be re-cut" if problems else ""))
+        return 1 if problems else 0
     elif tool == "train-filter":
         import json
 
@@ -154,7 +183,12 @@ def _run_tool(tool: str, a: argparse.Namespace) -> int:
         if len(bad):
             print(f"{a.labels}: patch ids not in {a.corpus}: {bad[:10].tolist()}", file=sys.stderr)
             return 2
-        patches, sizes = corpus.get_padded(pos)
+        from curation.pixels import read_or_recut
+
+        patches, sizes, _, problems = read_or_recut(corpus, pos)  # labelled removed patches are re-cut
+        if problems:
+            print(f"{a.labels}: labelled patches cannot be read: {'; '.join(problems)}", file=sys.stderr)
+            return 2
         flt, metrics = train_logistic_filter(patches, sizes, np.array([labels[i] for i in ids], dtype=bool))
         flt.save(a.out)
         print(json.dumps(metrics, indent=1))
@@ -185,6 +219,9 @@ def verify(corpus: str, progress: bool = True) -> int:
         return 2
     unverified = (f"; {counts['unverified']} written before checksums existed: their shape alone was checked"
                   if counts["unverified"] else "")
+    if counts.get("no_pixels"):
+        unverified += (f"; {counts['no_pixels']} work units store no pixels (their patches are duplicates or "
+                       "filtered: `cemnet curate recut` cuts them from the sources)")
     if not problems:
         print(f"{corpus}: all {counts['shards']} shards ({counts['patches']} patches) intact{unverified}")
         return 0
@@ -211,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=args.patch_size, max_anisotropy=args.max_anisotropy, axes=args.axes,
         slice_stride=args.slice_stride, uint8_rule=args.uint8_rule, percentiles=tuple(args.percentiles),
         dedup_distance=args.dedup_distance, dedup_scope=args.dedup_scope, seed=args.seed,
-        filter=args.filter, memory_mb=args.memory_mb,
+        filter=args.filter, memory_mb=args.memory_mb, keep_all_pixels=args.keep_all_pixels,
     )
     try:
         specs, skipped = _specs(args)

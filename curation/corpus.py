@@ -158,14 +158,20 @@ def check_shard(path: Path, n_patches: int, patch_size: int, checksum: str | Non
 
 def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
                   progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Check every finished unit's shard of the corpus at ``root`` (or of ``sources``) against
-    the index: present, readable, the shape its rows say, and the checksum recorded when it was
-    written; also that the index's rows fit in it. Reads every shard once, with a progress bar.
+    """Check every finished unit's stored shard file of the corpus at ``root`` (or of
+    ``sources``) against the index: present, readable, holding as many patches as the unit has
+    rows with pixels, and the checksum recorded when that file was written (by the unit, or by
+    a rewrite to version ``.vN``); also that the index's offsets fit in it. A unit none of whose
+    patches has pixels stored (duplicates and filtered patches of an exemplars-only corpus) has
+    nothing to check. Reads every shard once, with a progress bar.
 
     Returns (problems, counts): one dict per bad shard (``source``, ``key``, ``shard``,
-    ``patches``, ``problem``), and ``{"shards", "patches", "unverified"}`` (unverified: shards
-    from before checksums, whose shape alone was checked)."""
+    ``patches``: how many it should hold, ``problem``), and ``{"shards", "patches",
+    "unverified", "no_pixels"}`` (unverified: shards from before checksums, whose shape alone was
+    checked; no_pixels: finished units with no pixels stored, not counted in ``shards``)."""
     from tqdm import tqdm
+
+    from curation.pixels import unit_shard
 
     root = Path(root)
     try:
@@ -174,26 +180,36 @@ def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
         with read_only_index(root) as db:
             has_checksum = "checksum" in {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
             tasks = db.execute(
-                f"SELECT source, key, n_patches, {'checksum' if has_checksum else 'NULL'} FROM tasks "
+                f"SELECT source, key, {'checksum' if has_checksum else 'NULL'} FROM tasks "
                 "WHERE status='done' ORDER BY source, key").fetchall()
-            in_index = {r[0]: (r[1], r[2]) for r in db.execute(
-                "SELECT shard, COUNT(*), MAX(offset) FROM patches GROUP BY shard")}
+            # per stored shard file: rows with pixels in it, their largest offset
+            stored: dict[str, list[tuple[str, int, int]]] = {}
+            for shard, n, last in db.execute(
+                    "SELECT shard, SUM(offset >= 0), MAX(offset) FROM patches GROUP BY shard"):
+                stored.setdefault(unit_shard(shard)[0], []).append((shard, int(n or 0), int(last)))
     except (OSError, ValueError, KeyError, sqlite3.DatabaseError) as err:
         raise CorpusError(root, f"cannot read the corpus's index ({err})") from None
     wanted = None if sources is None else set(sources)
     tasks = [t for t in tasks if wanted is None or t[0] in wanted]
-    problems, counts = [], {"shards": 0, "patches": 0, "unverified": 0}
-    for source, key, n, checksum in tqdm(tasks, desc="verify", unit="shard", disable=not progress):
-        shard = f"shards/{source}/{key}.npy"
-        problem = check_shard(root / shard, n, patch_size, checksum)
-        rows, last = in_index.get(shard, (0, -1))
-        if problem is None and (rows != n or last >= n):
-            problem = f"the index lists {rows} patches in it, offsets up to {last}; it holds {n}"
+    problems, counts = [], {"shards": 0, "patches": 0, "unverified": 0, "no_pixels": 0}
+    for source, key, checksum in tqdm(tasks, desc="verify", unit="shard", disable=not progress):
+        unit = f"shards/{source}/{key}.npy"
+        files = stored.get(unit, [(unit, 0, -1)])
+        shard, n, last = max(files, key=lambda f: f[1])
+        if n == 0 and len(files) == 1:  # no pixels stored for this unit: nothing to lose
+            counts["no_pixels"] += 1
+            continue
+        if len(files) > 1:  # a rewrite points every row of a unit at its new version at once
+            problem = f"the index spreads the unit's rows over {len(files)} shard versions"
+        else:
+            problem = check_shard(root / shard, n, patch_size, checksum)
+        if problem is None and last >= n:
+            problem = f"the index lists {n} patches in it, offsets up to {last}"
         counts["shards"] += 1
-        counts["patches"] += int(n)
+        counts["patches"] += n
         counts["unverified"] += checksum is None
         if problem:
-            problems.append({"source": source, "key": key, "shard": shard, "patches": int(n), "problem": problem})
+            problems.append({"source": source, "key": key, "shard": shard, "patches": n, "problem": problem})
     return problems, counts
 
 
@@ -386,14 +402,18 @@ class CorpusIndex:
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def done_tasks(self, source: str) -> set[str]:
-        """Keys of the finished units of ``source`` whose shard is intact on disk."""
-        p = self.patch_size
-        rows = self.db.execute("SELECT key, n_patches FROM tasks WHERE source=? AND status='done'", (source,))
-        return {
-            key for key, n in rows
-            if (shard := self.root / "shards" / source / f"{key}.npy").is_file()
-            and shard.stat().st_size == npy_nbytes((n, p, p))
-        }
+        """Keys of the finished units of ``source`` whose shard is intact on disk: it holds as
+        many patches as the unit has rows with pixels (a unit without any needs no shard)."""
+        from curation.pixels import expected_shard_rows, shard_intact
+
+        expected = expected_shard_rows(self, source)
+        rows = self.db.execute("SELECT key FROM tasks WHERE source=? AND status='done'", (source,)).fetchall()
+        done = set()
+        for (key,) in rows:
+            shard, n = expected.get(f"shards/{source}/{key}.npy", (f"shards/{source}/{key}.npy", 0))
+            if n == 0 or shard_intact(self.root, shard, n, self.patch_size):
+                done.add(key)
+        return done
 
     def all_tasks(self, source: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM tasks WHERE source=?", (source,))}
@@ -412,7 +432,9 @@ class CorpusIndex:
         else:
             rows = [(None, *r) for r in rows]
         with self.write():
-            self.db.execute("DELETE FROM patches WHERE shard=?", (shard,))
+            # ... and its rows whose pixels were since moved to a rewritten version (curation.pixels)
+            prefix = shard[: -len(".npy")] + ".v"
+            self.db.execute("DELETE FROM patches WHERE shard=? OR substr(shard, 1, ?) = ?", (shard, len(prefix), prefix))
             self.db.executemany(
                 f"INSERT INTO patches (id, {', '.join(PATCH_COLUMNS)}) VALUES (?, {', '.join('?' * len(PATCH_COLUMNS))})",
                 rows,
@@ -422,13 +444,20 @@ class CorpusIndex:
             )
 
     def drop_task(self, source: str, key: str) -> int:
-        """Forget one finished unit (its shard failed verification): its patches, its row and its
-        shard go, so nothing serves the damaged data and the next run cuts it again. Returns
-        how many patches it had."""
+        """Forget one finished unit (its shard failed verification): its patches (with pixels
+        or not), its row and its shard files (every version) go, so nothing serves the damaged
+        data and the next run cuts it again. Returns how many patches it had."""
+        from curation.pixels import unit_shard
+
         shard = f"shards/{source}/{key}.npy"
-        (self.root / shard).unlink(missing_ok=True)  # first: a crash in between leaves a unit done_tasks redoes
+        # Files first: a crash in between leaves a unit that done_tasks redoes.
+        for path in [self.root / shard, *(self.root / "shards" / source).glob(f"{key}.v*.npy")]:
+            if unit_shard(path.relative_to(self.root).as_posix())[0] == shard:
+                path.unlink(missing_ok=True)
+        prefix = shard[: -len(".npy")] + ".v"
         with self.write():
-            n = self.db.execute("DELETE FROM patches WHERE shard=?", (shard,)).rowcount
+            n = self.db.execute("DELETE FROM patches WHERE shard=? OR substr(shard, 1, ?) = ?",
+                                (shard, len(prefix), prefix)).rowcount
             self.db.execute("DELETE FROM tasks WHERE source=? AND key=?", (source, key))
             self.db.execute("UPDATE sources SET status='pending' WHERE name=?", (source,))
         return int(n)
@@ -623,7 +652,22 @@ class Corpus:
         self.std = float(stats.get("std", 0.25))
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # most recently used last
         self._rows_needed = np.zeros(len(self.shards), dtype=np.int64)  # per shard: 1 + its largest offset
-        np.maximum.at(self._rows_needed, self.shard_index, self.offsets + 1)
+        np.maximum.at(self._rows_needed, self.shard_index, self.offsets + 1)  # offset -1 (no pixels): 0
+        self.status = status
+
+    @property
+    def has_pixels(self) -> np.ndarray:
+        """bool per patch: its pixels are stored (by default only kept patches have them)."""
+        return self.offsets >= 0
+
+    def _check_pixels(self, indices: np.ndarray) -> None:
+        missing = indices[self.offsets[indices] < 0]
+        if len(missing):
+            what = self.status or "duplicate|filtered"
+            raise ValueError(
+                f"{self.root}: patch #{int(self.ids[missing[0]])} ({len(missing)} of those asked for) has no pixels "
+                f"stored: this corpus stores the pixels of kept patches only; `cemnet curate recut {self.root} "
+                f"--status {what}` cuts them again from their sources")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -677,11 +721,14 @@ class Corpus:
     def __getitem__(self, i: int) -> np.ndarray:
         """Patch ``i`` as uint8 (h, w), cropped to its true size."""
         h, w = self.sizes[i]
+        if self.offsets[i] < 0:  # one comparison: this is the data loaders' hot path
+            self._check_pixels(np.array([i], dtype=np.int64))
         return np.asarray(self._shard(int(self.shard_index[i]))[self.offsets[i], :h, :w])
 
     def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, P, P) zero-padded patches and their true sizes (n, 2), read shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
+        self._check_pixels(indices)
         patches = read_rows(self._shard, self.shard_index[indices], self.offsets[indices], self.patch_size)
         return patches, self.sizes[indices]
 
@@ -768,6 +815,8 @@ def open_corpus(path: str | os.PathLike, **kwargs: Any) -> Corpus | TiffFolderCo
 def export_tiff_folder(corpus: Corpus, out: str | os.PathLike, progress: bool = True) -> int:
     """Write every patch of ``corpus`` as ``<source>-LOC-<axis>_<slice>_<y>_<x>.tiff`` (CEM500K names).
 
+    Patches without stored pixels (duplicates and filtered patches of an exemplars-only corpus)
+    are left out: ``cemnet curate recut`` writes those. Returns how many were written.
     Truncated edge patches are written at their true size, as CEM500K stores them. Also writes
     ``corpus_stats.json`` (mean/std) so :class:`TiffFolderCorpus` normalises identically.
     """
@@ -776,7 +825,8 @@ def export_tiff_folder(corpus: Corpus, out: str | os.PathLike, progress: bool = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(len(corpus)), desc="export tiff", unit="patch", disable=not progress):
+    stored = np.flatnonzero(corpus.has_pixels)
+    for i in tqdm(stored.tolist(), desc="export tiff", unit="patch", disable=not progress):
         tifffile.imwrite(out / f"{corpus.name_of(i)}.tiff", corpus[i])
     (out / "corpus_stats.json").write_text(json.dumps({"mean": corpus.mean, "std": corpus.std}))
-    return len(corpus)
+    return len(stored)

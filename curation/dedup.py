@@ -35,6 +35,7 @@ def greedy_groups(
     seed: int = 0,
     batch_size: int = 4096,
     progress: object | None = None,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Assign every hash to a near-duplicate group, CEM500K's greedy rule.
 
@@ -44,6 +45,9 @@ def greedy_groups(
         seed: seed of the random visiting order (``np.random.default_rng(seed).permutation``).
         batch_size: references searched per faiss call; changes speed, never the result.
         progress: optional tqdm-like object; ``update(k)`` is called with patches resolved.
+        order: the visiting order (a permutation of ``range(N)``) to use instead of the seeded
+            one; the corpus passes an order fixed per patch by its provenance (see
+            :mod:`curation.exemplars`), so adding patches never reorders the others.
 
     Returns:
         int64 (N,): the index of each patch's exemplar (an exemplar points at itself).
@@ -59,7 +63,7 @@ def greedy_groups(
         if progress is not None:
             progress.update(1)
         return np.zeros(1, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(seed).permutation(n) if order is None else np.asarray(order, dtype=np.int64)
     codes = _codes(hashes)
     remaining = order  # patches not yet in a group, in visiting order
     while len(remaining):
@@ -82,12 +86,12 @@ def greedy_groups(
 
 
 def greedy_groups_reference(
-    hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, seed: int = 0
+    hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, seed: int = 0, order: np.ndarray | None = None
 ) -> np.ndarray:
     """The CEM500K loop written out plainly (slow; for tests and as documentation)."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     bits = unpack_bits(hashes)
-    indices = np.random.default_rng(seed).permutation(len(hashes))
+    indices = np.random.default_rng(seed).permutation(len(hashes)) if order is None else np.asarray(order)
     group = np.full(len(hashes), -1, dtype=np.int64)
     remaining_bits = bits[indices]
     while len(indices) > 0:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -45,9 +45,11 @@ from curation.convert import Uint8Converter, sample_image, sample_volume
 from curation.corpus import (CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, shard_checksum, verify_shards,
                              write_index_cache)
 from curation.dedup import greedy_groups
+from curation.exemplars import OnlineExemplars, visit_keys
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
 from curation.missing_chunks import label_missing_chunk_patches, record_missing_chunks
+from curation.pixels import discard_staged_units, save_staged, store_unit_pixels, sweep_unreferenced_shards, sync_pixels
 from curation.readers import ReaderError, source_fingerprint
 from curation.remote import forget_unreadable
 from curation.remote_sampling import expand_sampled
@@ -69,6 +71,7 @@ class CurateSettings:
     filter: str = "stats"
     memory_mb: int = 256
     patches_per_unit: int = 1024
+    keep_all_pixels: bool = False  # store pixels of duplicates and filtered patches too (before 2026-12)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,6 +112,7 @@ class UnitResult:
     seconds: float = 0.0
     checksum: str | None = None  # of the shard's patches (see curation.corpus.shard_checksum)
     missing: list[tuple[int, ...]] = field(default_factory=list)  # boxes read as fill value (absent chunks)
+    staged: str | None = None  # the unit's patches, all of them, waiting for the exemplar decision
 
 
 _scratch_buffers = threading.local()
@@ -142,9 +146,15 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: 
         keep = np.array([not any(r[2] < b and r[2] + r[4] > a for a, b in skip_rows) for r in rows], dtype=bool)
         patches, rows = patches[keep], [r for r, k in zip(rows, keep) if k]
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
-    atomic_save_npy(Path(unit.root) / unit.shard, patches)
+    staged, checksum = None, None
+    if unit.settings.get("stage_dirs"):  # exemplars only: the main process picks what to store
+        staged = save_staged(unit.settings["stage_dirs"], unit.source, unit.key, patches)
+    else:
+        atomic_save_npy(Path(unit.root) / unit.shard, patches)
+        checksum = shard_checksum(patches)
     out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
-    return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0, shard_checksum(patches))
+    return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0, checksum=checksum,
+                      staged=staged)
 
 
 def run_unit(unit: Unit) -> UnitResult:
@@ -408,10 +418,10 @@ class StagingArea:
                        "corpus, else remove them by hand", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = tuple(shape["zyx".index(a)] for a in layout)
+        self.live.setdefault(source, []).append(path)  # before it exists: a Ctrl-C in between still removes it
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
         if path == disk:
             _reserve(path, nbytes)
-        self.live.setdefault(source, []).append(path)
         if path == ram:
             self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
         return str(path)
@@ -452,6 +462,10 @@ class StagingArea:
                         os._exit(0)
                     for path in self._leftovers():  # listed again under the lock
                         path.unlink(missing_ok=True)
+                    try:
+                        os.rmdir(f"/dev/shm/{self._ram_prefix}units")
+                    except OSError:
+                        pass
             finally:
                 os._exit(0)
         os.close(read_end)
@@ -468,9 +482,19 @@ class StagingArea:
             os.waitpid(pid, 0)  # it finds nothing left and exits at once
             self._janitor = None
 
+    def unit_dirs(self) -> list[Path]:
+        """Folders of the unit staging files (exemplars-only storage, see :class:`ExemplarStore`):
+        RAM first when this run may use it, then ``CORPUS/work/units``."""
+        ram = Path("/dev/shm") / f"{self._ram_prefix}units"
+        return ([ram] if self.use_ram else []) + [self.root / "work" / "units"]
+
     def _leftovers(self) -> list[Path]:
-        stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if Path("/dev/shm").is_dir() else []
-        return stale + sorted((self.root / "work").glob("*.u8.npy"))
+        shm = Path("/dev/shm").is_dir()
+        stale = sorted(Path("/dev/shm").glob(f"{self._ram_prefix}*.u8.npy")) if shm else []
+        stale += sorted((self.root / "work").glob("*.u8.npy"))
+        for units in (Path("/dev/shm") / f"{self._ram_prefix}units", self.root / "work" / "units"):
+            stale += sorted(units.glob("*.npy*")) if units.is_dir() else []  # staged units' patches
+        return stale
 
     def discard_leftovers(self) -> list[Path]:
         """Remove staging files that a killed run (SIGKILL, OOM, power loss) left for this corpus,
@@ -590,6 +614,63 @@ class Executor:
 
 
 # ----------------------------------------------------------------------------- the job
+class ExemplarStore:
+    """Stores the pixels of a finished unit's exemplars only (see :mod:`curation.pixels`).
+
+    Units stage all their patches in ``stage_dirs`` (RAM first, then ``CORPUS/work/units``);
+    :meth:`commit` keeps the patches that are exemplars of everything cut so far in their dedup
+    group (:class:`curation.exemplars.OnlineExemplars`, started from the corpus's earlier
+    patches), writes their pixels to the unit's shard, removes the staging file and records the
+    unit. With ``keep_all_pixels`` units write their shards themselves and this only records.
+    """
+
+    def __init__(self, index: CorpusIndex, settings: CurateSettings, staging_area: StagingArea) -> None:
+        self.index, self.settings = index, settings
+        self.tracker = OnlineExemplars(settings.dedup_distance, enabled=settings.dedup_scope != "none")
+        self.stage_dirs = [] if settings.keep_all_pixels else [str(d) for d in staging_area.unit_dirs()]
+        discard_staged_units(self.stage_dirs)  # a killed run's (we hold the corpus lock)
+        self.counts = {"patches": 0, "stored": 0}
+        self._deleter = ThreadPoolExecutor(max_workers=1)  # frees staging files off the main thread
+
+    def _group(self, source: str) -> str:
+        if self.settings.dedup_scope == "global":
+            return "*"
+        row = self.index.source(source)
+        return (row and row["dataset"]) or source
+
+    def _seed(self, group: str) -> None:
+        where, params = "", ()
+        if group != "*":
+            where = "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)"
+            params = (group,)
+        t = self.index.patch_table(["source", "axis", "slice", "y", "x", "hash"], where, params)
+        keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
+        self.tracker.seed(group, hash_from_db(t["hash"].astype(np.int64)), keys)
+
+    def commit(self, source: str, result: UnitResult) -> None:
+        rows = result.rows
+        if result.staged is not None:
+            group = self._group(source)
+            if group not in self.tracker.groups:
+                self._seed(group)
+            cols = list(zip(*rows)) if rows else [()] * 10
+            keys = visit_keys(self.settings.seed, cols[0], cols[3], np.array(cols[4], dtype=np.int64),
+                              np.array(cols[5], dtype=np.int64), np.array(cols[6], dtype=np.int64))
+            keep = self.tracker.admit(group, hash_from_db(np.array(cols[9], dtype=np.int64)), keys)
+            rows, checksum = store_unit_pixels(self.index.root, result.staged, result.shard, rows, keep,
+                                               remove=lambda path: self._deleter.submit(os.unlink, path))
+            self.counts["stored"] += int(keep.sum())
+        else:  # the unit wrote its shard, all of its patches, itself
+            checksum = result.checksum
+            self.counts["stored"] += len(rows)
+        self.counts["patches"] += len(rows)
+        self.index.commit_task(source, result.key, result.shard, rows, result.seconds, checksum)
+
+    def close(self) -> None:
+        self._deleter.shutdown(wait=True)
+        discard_staged_units(self.stage_dirs)  # units in flight when the run stopped
+
+
 def _unique_name(index: CorpusIndex, wanted: str, path: str) -> str:
     name, k = wanted, 1
     while True:
@@ -708,6 +789,8 @@ def extract(
     for path in staging_area.discard_leftovers():  # safe: the index holds the corpus lock
         tqdm.write(f"removed {path}, staging left by an earlier run that was killed", file=sys.stderr)
     staging_area.start_janitor()  # before the pool forks its workers: they must not hold its pipe
+    exemplars = ExemplarStore(index, settings, staging_area)
+    cfg["stage_dirs"] = exemplars.stage_dirs
     bar = tqdm(total=0, desc="extract", unit="unit", disable=not progress, dynamic_ncols=True)
     bar.total = len(inspect_backlog)
     waiting_planes: dict[str, tuple[list[Unit], set[str]]] = {}  # source -> (plane units, open xy keys)
@@ -844,8 +927,7 @@ def extract(
                     )
                     if insp.result is not None:
                         missing[name].update(insp.result.missing)
-                        index.commit_task(name, insp.result.key, insp.result.shard, insp.result.rows,
-                                          insp.result.seconds, insp.result.checksum)
+                        exemplars.commit(name, insp.result)
                         n_patches += len(insp.result.rows)
                     else:
                         done = index.done_tasks(name)
@@ -874,7 +956,7 @@ def extract(
                     if result is not None:
                         missing[name].update(result.missing)
                     if result is not None and unit.kind != "stage":
-                        index.commit_task(name, result.key, result.shard, result.rows, result.seconds, result.checksum)
+                        exemplars.commit(name, result)
                         n_patches += len(result.rows)
                     if name in waiting_planes:
                         waiting_planes[name][1].discard(unit.key)
@@ -887,8 +969,10 @@ def extract(
         print("\ninterrupted: finished units are saved; run the same command again to resume", file=sys.stderr)
         raise
     finally:
+        exemplars.close()  # its staged units are gone before the janitor is sent away
         staging_area.close()
     bar.close()
+    index.record_stage("exemplars", 0.0, exemplars.counts)
 
 
 def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = True) -> dict[str, int]:
@@ -897,9 +981,12 @@ def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = T
     table = index.patch_table(["id", "source", "axis", "slice", "y", "x", "hash"])
     if len(table["id"]) == 0:
         return {}
-    # Visit patches in an order fixed by their provenance, not by their ids: ids come from
-    # provenance too, but a corpus written before that numbered them in the order units finished.
-    canonical = np.lexsort((table["x"], table["y"], table["slice"], table["axis"], table["source"]))
+    # Visit patches in a seeded random order fixed per patch by its provenance (not by its id:
+    # a corpus written before provenance ids numbered them in the order units finished): the
+    # same every run, unchanged for old patches when new ones come, and known while cutting
+    # (see curation.exemplars).
+    keys = visit_keys(settings.seed, table["source"], table["axis"], table["slice"], table["y"], table["x"])
+    canonical = np.lexsort((table["x"], table["y"], table["slice"], table["axis"], table["source"], keys))
     table = {k: v[canonical] for k, v in table.items()}
     datasets = {r["name"]: (r["dataset"] or r["name"]) for r in index.sources()}
     keys = np.array([datasets.get(s, s) for s in table["source"]], dtype=object)
@@ -915,7 +1002,8 @@ def deduplicate(index: CorpusIndex, settings: CurateSettings, progress: bool = T
         by_dataset = np.argsort(dataset_no.reshape(-1), kind="stable")
         bounds = np.flatnonzero(np.diff(dataset_no.reshape(-1)[by_dataset])) + 1
         for sel in np.split(by_dataset, bounds):
-            groups = greedy_groups(hashes[sel], settings.dedup_distance, settings.seed, progress=bar)
+            # sel keeps the visiting order (a stable sort of a sorted table): visit it as it comes
+            groups = greedy_groups(hashes[sel], settings.dedup_distance, progress=bar, order=np.arange(len(sel)))
             group_id[sel] = ids[sel][groups]
     bar.close()
     duplicate = group_id != ids
@@ -945,6 +1033,9 @@ def apply_filter(
 ) -> None:
     """Stage 5: run the patch filter on exemplars (removed patches keep their reason and score).
 
+    Exemplars it must judge that have no pixels stored (an exemplars-only corpus after its
+    dedup changed, or a filter changed) are re-cut from their sources first.
+
     Only exemplars not yet judged by this very filter are read from the index (an O(exemplars)
     query, not the whole corpus). With a parallel ``executor`` the numpy filters (stats,
     logistic) run in its workers; the CEM500K classifier stays in this process (torch has its
@@ -952,11 +1043,16 @@ def apply_filter(
     """
     from curation.filters import Cem500kClassifierFilter, build_filter
 
+    store_needed_pixels(index, settings, progress)  # re-cut exemplars stored without pixels
     t0 = time.perf_counter()
     patch_filter = build_filter(settings.filter)
     signature = json.dumps(patch_filter.describe(), sort_keys=True) if patch_filter else "none"
+    with index.write():  # exemplars whose pixels could not be re-cut (reported by sync_pixels)
+        index.db.execute("UPDATE patches SET filter_sig = NULL, score = NULL, filter_reason = "
+                         "'no pixels: its source could not be re-cut' WHERE group_id = id AND offset < 0")
     todo = index.patch_table(["id", "shard", "offset", "h", "w"],
-                             "WHERE group_id = id AND (filter_sig IS NULL OR filter_sig != ?)", (signature,))
+                             "WHERE group_id = id AND offset >= 0 AND (filter_sig IS NULL OR filter_sig != ?)",
+                             (signature,))
     ids = todo["id"].astype(np.int64)
     bar = tqdm(total=len(ids), desc="filter", unit="patch", disable=not progress)
     parallel = (executor is not None and executor.kind != "serial" and patch_filter is not None
@@ -1015,6 +1111,44 @@ def apply_filter(
     index.record_stage("filter", time.perf_counter() - t0, {"evaluated": int(len(ids))})
 
 
+def filter_signature(settings: CurateSettings) -> str:
+    """What ``filter_sig`` holds for patches judged by ``settings.filter``."""
+    from curation.filters import build_filter
+
+    patch_filter = build_filter(settings.filter)
+    return json.dumps(patch_filter.describe(), sort_keys=True) if patch_filter else "none"
+
+
+def store_needed_pixels(index: CorpusIndex, settings: CurateSettings, progress: bool = True) -> dict[str, int]:
+    """Before the filter: pixels for every exemplar it must judge or that stays kept (re-cut
+    where extraction did not store them), and with ``keep_all_pixels`` for every patch."""
+    t0 = time.perf_counter()
+    if settings.keep_all_pixels:
+        want, params = "1", ()
+    else:  # has pixels, or an exemplar not already judged out by this very filter
+        want = ("offset >= 0 OR (group_id = id AND NOT (COALESCE(filter_sig = ?, 0) "
+                "AND COALESCE(filter_reason, '') != ''))")
+        params = (filter_signature(settings),)
+    counts = sync_pixels(index, want, params, settings.memory_mb, progress)
+    index.record_stage("pixels", time.perf_counter() - t0, counts)
+    return counts
+
+
+def drop_unneeded_pixels(index: CorpusIndex, settings: CurateSettings, progress: bool = True) -> dict[str, int]:
+    """After the filter: drop the pixels of duplicates and filtered patches (exemplars-only
+    storage); with ``keep_all_pixels`` nothing is dropped."""
+    if settings.keep_all_pixels:
+        return {}
+    t0 = time.perf_counter()
+    counts = sync_pixels(index, "status = 'kept'", (), settings.memory_mb, progress)
+    index.flush()
+    counts["swept"] = sweep_unreferenced_shards(index)
+    seconds, info = index.stages().get("pixels", (0.0, {}))
+    index.record_stage("pixels", seconds + time.perf_counter() - t0,
+                       {**info, "dropped": counts["dropped"], "shards_rewritten": counts["shards"]})
+    return counts
+
+
 def corpus_stats(root: Path, max_patches: int = 20000, seed: int = 0) -> dict[str, float]:
     """Mean and std (in [0, 1] units) of the kept patches' true pixels, from a sample."""
     from curation.corpus import Corpus
@@ -1068,6 +1202,7 @@ def curate(
             index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
             deduplicate(index, settings, progress)
             apply_filter(index, settings, progress=progress, executor=executor)
+            drop_unneeded_pixels(index, settings, progress)
         finally:
             executor.shutdown()
             _scratch_buffers.__dict__.clear()  # in-process (serial) runs: do not hold the buffers

@@ -57,13 +57,29 @@ def montage(patches: list[np.ndarray], labels: list[str] | None = None, columns:
     return sheet
 
 
+# Montages of removed patches show stored pixels, else xy patches re-cut from their sources
+# (an exemplars-only corpus stores none of theirs): one plane region each, cheap; an xz / yz patch
+# would read a column through the volume (hundreds of slices), so those are left out.
+_SHOWABLE = "(offset >= 0 OR axis = 'xy')"
+
+
+def _pixels(corpus: Corpus, index: CorpusIndex, ids: list[int]) -> list[np.ndarray | None]:
+    """Patches ``ids`` at true size: stored pixels, or re-cut (None where that fails)."""
+    from curation.pixels import read_or_recut
+
+    pos = np.searchsorted(corpus.ids, np.asarray(ids, dtype=np.int64))
+    patches, sizes, failed, _ = read_or_recut(corpus, pos)
+    return [None if bad else patch[:h, :w] for patch, (h, w), bad in zip(patches, sizes, failed)]
+
+
 def _sample_status(corpus: Corpus, index: CorpusIndex, status: str, n: int, seed: int) -> tuple[list, list]:
-    table = index.patch_table(["id", "reason"], "WHERE status=?", (status,))
+    table = index.patch_table(["id", "reason"], f"WHERE status=? AND {_SHOWABLE}", (status,))
     if len(table["id"]) == 0:
         return [], []
     pick = np.sort(np.random.default_rng(seed).permutation(len(table["id"]))[:n])
-    pos = np.searchsorted(corpus.ids, table["id"][pick].astype(np.int64))
-    return [corpus[int(i)] for i in pos], [str(r) for r in table["reason"][pick]]
+    shown = _pixels(corpus, index, table["id"][pick].tolist())
+    return ([p for p in shown if p is not None],
+            [str(r) for r, p in zip(table["reason"][pick], shown) if p is not None])
 
 
 def _duplicate_groups(corpus: Corpus, index: CorpusIndex, n_groups: int, per_group: int, seed: int) -> tuple[list, list]:
@@ -76,10 +92,13 @@ def _duplicate_groups(corpus: Corpus, index: CorpusIndex, n_groups: int, per_gro
     patches, labels = [], []
     for group_id, size in chosen:
         members = [r[0] for r in index.db.execute(
-            "SELECT id FROM patches WHERE group_id=? ORDER BY (id != group_id), id LIMIT ?", (group_id, per_group))]
-        for k, pid in enumerate(members):
-            patches.append(corpus[int(np.searchsorted(corpus.ids, pid))])
-            labels.append(f"#{group_id} exemplar" if k == 0 else f"dup of #{group_id}")
+            f"SELECT id FROM patches WHERE group_id=? AND {_SHOWABLE} ORDER BY (id != group_id), id LIMIT ?",
+            (group_id, per_group))]
+        shown = [(pid, p) for pid, p in zip(members, _pixels(corpus, index, members)) if p is not None]
+        for pid, patch in shown:
+            patches.append(patch)
+            labels.append(f"#{group_id} exemplar" if pid == group_id else f"dup of #{group_id}")
+        members = shown
         for _ in range(per_group - len(members)):
             patches.append(np.full((8, 8), 255, np.uint8))
             labels.append("")
