@@ -269,6 +269,16 @@ def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
     assert clean_state_dict_keys({"a._orig_mod.b": 1}) == {"a.b": 1}
 
 
+def test_checkpoint_records_whole_epochs_trained_not_the_epoch_index(corpus, tmp_path):
+    # issue 11 item 24: a 2-epoch run recorded epochs=1 (Lightning's index of the epoch in progress)
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=2, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(_model(), _dm(corpus))
+    meta = load_checkpoint(tmp_path / "last.ckpt")["cemnet"]
+    assert meta["global_step"] == 4 and meta["epochs"] == 2
+
+
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     class Diverging(MoCoV2):
         def training_step(self, batch, batch_idx):

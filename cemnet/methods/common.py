@@ -244,7 +244,7 @@ class CemnetCheckpointMixin:
             "std": None if std is None else float(std),
             "method": self.method_name,
             "corpus_fingerprint": getattr(self, "corpus_fingerprint", None),
-            "epochs": int(checkpoint.get("epoch", getattr(self, "current_epoch", 0))),
+            "epochs": completed_epochs(self, checkpoint),
             "global_step": int(checkpoint.get("global_step", getattr(self, "global_step", 0))),
             "spatial_dims": int(self.spatial_dims),
             "arch_kwargs": dict(getattr(self, "arch_kwargs", {}) or {}),
@@ -418,3 +418,18 @@ class PairSampleLogger(pl.Callback):
             out.mkdir(parents=True, exist_ok=True)
             Image.fromarray(grid).save(out / f"{name}_step{step:08d}.png")
 
+
+
+def completed_epochs(module: Any, checkpoint: dict[str, Any]) -> int:
+    """Whole epochs of data trained on when ``checkpoint`` is written (a 10-epoch run records 10).
+
+    Lightning's ``checkpoint["epoch"]`` is the index of the epoch in progress (9 at the end of
+    the 10th); batches processed over the whole run (progress survives resume) divided by the
+    batches of one epoch is what a reader of the exported metadata means by "epochs"."""
+    epoch = int(checkpoint.get("epoch", getattr(module, "current_epoch", 0)))
+    trainer = getattr(module, "_trainer", None)
+    per_epoch = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+    if not per_epoch or math.isinf(per_epoch):
+        return epoch
+    processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    return int(processed // int(per_epoch))
