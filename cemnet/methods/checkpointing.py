@@ -123,8 +123,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stopped_by, self.end_reason, self._signal_seen = None, None, None
-        if not trainer.is_global_zero and trainer.world_size > 1:
-            return  # other ranks learn of a stop through the all-reduce in on_train_batch_end
+        # on every rank: a rank that got no signal learns of the stop through the all-reduce in
+        # on_train_batch_end, so all ranks save and stop after the same batch
         try:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous_handlers[signum] = signal.getsignal(signum)
@@ -182,11 +182,11 @@ class RunCheckpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signalled = self._signal_seen is not None
+        signalled = self._signal_seen is not None or trainer.received_sigterm  # (Lightning's handler, off the main thread)
         if trainer.world_size > 1:  # every rank must stop (and save) together
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
-            if signalled and self._signal_seen is None:
-                self._signal_seen = signal.SIGTERM
+        if signalled and self._signal_seen is None:  # told by another rank, or by Lightning's handler
+            self._signal_seen = signal.SIGTERM
         if signalled:
             trainer.should_stop = True
         if trainer.fit_loop.epoch_loop._should_accumulate():
