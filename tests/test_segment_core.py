@@ -91,7 +91,7 @@ def test_blockwise_equals_whole_volume_2d(model_2d, mito_crop, tmp_path) -> None
     differs from one untiled forward pass by at most the stated tolerance."""
     path, crop = mito_crop
     out = tmp_path / "out.ome.zarr"
-    result = segment_volume(model_2d, path, out, SegmentSettings(memory_mb=0.3, progress=False))
+    result = segment_volume(model_2d, path, out, SegmentSettings(memory_mb=0.55, progress=False))
     assert result.blocks > 2 and result.block_shape[0] == 1  # several blocks, cut in y/x too
     root = zarr.open_group(str(out), mode="r")
     probs = root["0"][:] / 255.0
@@ -128,7 +128,7 @@ def test_blockwise_equals_whole_volume_3d(shared_data, tmp_path_factory, tmp_pat
     src = tmp_path / "vol.h5"
     with h5py.File(src, "w") as f:
         f.create_dataset("raw", data=vol)
-    result = segment_volume(model, src, tmp_path / "o.ome.zarr", SegmentSettings(memory_mb=0.5, progress=False,
+    result = segment_volume(model, src, tmp_path / "o.ome.zarr", SegmentSettings(memory_mb=0.75, progress=False,
                                                                                   outputs=("probabilities",)))
     assert result.blocks > 4 and all(b < n for b, n in zip(result.block_shape, vol.shape)), result
     probs = zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r")["0"][:] / 255.0
@@ -141,7 +141,7 @@ def test_blockwise_equals_whole_volume_3d(shared_data, tmp_path_factory, tmp_pat
 def test_memory_flat_in_volume_size(shared_data, tmp_path) -> None:
     """Peak numpy memory (tracemalloc) stays under --memory-mb for volumes larger than it, and does
     not grow with the volume: 1 and 3 ISBI slices of 256 x 512 (0.125 / 0.375 MB of uint8, 0.5 /
-    1.5 MB as float probabilities) at a 0.2 MB bound. The network is a ResNet stem only (what is
+    1.5 MB as float probabilities) at a 0.45 MB bound (0.25 MB of it for a batch of 4 tiles). The network is a ResNet stem only (what is
     measured is the engine's memory, not the model's)."""
     from PIL import Image
 
@@ -149,7 +149,7 @@ def test_memory_flat_in_volume_size(shared_data, tmp_path) -> None:
     model = _random_model(tmp_path / "stem.safetensors", arch=arch)
     files = sorted((shared_data / "isbi2012/train/images").glob("*.png"))[:3]
     stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])[:, :256, :]
-    settings = SegmentSettings(memory_mb=0.2, progress=False)
+    settings = SegmentSettings(memory_mb=0.45, progress=False)
     peaks = []
     for run, n in enumerate((1, 1, 3)):  # the first run only warms up (imports, caches)
         src = tmp_path / f"isbi{run}.h5"
@@ -161,8 +161,8 @@ def test_memory_flat_in_volume_size(shared_data, tmp_path) -> None:
         tracemalloc.stop()
     peaks = peaks[1:]
     assert stack.nbytes > 0.2 * 2**20
-    # the bound plus a fixed overhead (zarr codecs, a tile batch, bookkeeping): measured 0.80 MB
-    assert max(peaks) < 0.2 * 2**20 + 1.0 * 2**20, peaks
+    # the bound plus a fixed overhead (zarr codecs, bookkeeping)
+    assert max(peaks) < 0.45 * 2**20 + 0.75 * 2**20, peaks
     # 2 more slices would need 1 MB more as float probabilities: the peak grows by far less (0.19 MB
     # measured: the block list and records, O(blocks))
     assert peaks[1] - peaks[0] < 0.3 * 2**20, peaks
@@ -216,7 +216,7 @@ def test_resume_after_failure_skips_finished_blocks(model_2d, mito_crop, tmp_pat
 
     path, _ = mito_crop
     out = tmp_path / "r.ome.zarr"
-    settings = SegmentSettings(memory_mb=0.3, progress=False)
+    settings = SegmentSettings(memory_mb=0.55, progress=False)
     real = run.run_block
     calls: list[int] = []
 

@@ -108,7 +108,7 @@ def test_segment_instance_model_one_labelling_and_dask(shared_data, tmp_path) ->
     model = _affinity_model(tmp_path / "aff.safetensors")
     src = tmp_path / "raw.h5"
     vol = _write_raw(shared_data, src)
-    settings = SegmentSettings(memory_mb=4.0, progress=False)
+    settings = SegmentSettings(memory_mb=5.0, progress=False)
     serial = segment_volume(model, src, tmp_path / "s.ome.zarr", settings)
     assert serial.blocks > 1 and serial.instances and serial.instances > 1
     root = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="r")

@@ -217,11 +217,17 @@ def _bytes_per_voxel(channels: int, itemsize: int, orthoplane: bool, instance: b
     return per
 
 
+def tile_batch_bytes(tile: Sequence[int], batch_size: int, in_chans: int, channels: int) -> int:
+    """numpy/torch memory of one batch of tiles: input, output, weighted output and the window."""
+    return batch_size * math.prod(tile) * 4 * (in_chans + 2 * channels + 1)
+
+
 def plan_block_shape(grids: Sequence[AxisGrid], minimum: Sequence[int], bytes_per_voxel: int,
-                     memory_mb: float, slices_first: bool) -> tuple[int, int, int]:
-    """Largest block whose input region fits ``memory_mb``: halve z first for per-slice models,
-    else the longest axis (relative to its minimum), never below ``minimum``."""
-    budget = memory_mb * 2**20
+                     memory_mb: float, slices_first: bool, reserved: int = 0) -> tuple[int, int, int]:
+    """Largest block whose input region fits ``memory_mb`` minus ``reserved`` bytes (the tile
+    batch): halve z first for per-slice models, else the longest axis (relative to its minimum),
+    never below ``minimum``."""
+    budget = memory_mb * 2**20 - reserved
     block = [g.length for g in grids]
 
     def cost(b: Sequence[int]) -> float:
@@ -232,7 +238,7 @@ def plan_block_shape(grids: Sequence[AxisGrid], minimum: Sequence[int], bytes_pe
             range(3), key=lambda a: -block[a] / max(minimum[a], 1))
         axis = next((a for a in order if block[a] > minimum[a]), None)
         if axis is None:
-            need = cost(block) / 2**20
+            need = (cost(block) + reserved) / 2**20
             raise SegmentError(f"--memory-mb {memory_mb:g} is too small for one tile with its context "
                                f"(needs about {need:.1f} MB)")
         block[axis] = max(minimum[axis], math.ceil(block[axis] / 2))
@@ -370,8 +376,9 @@ def segment_volume(model: str | os.PathLike, input: str | os.PathLike, out: str 
     channels = spec.out_channels
     per_voxel = _bytes_per_voxel(channels, np.dtype(volume.dtype).itemsize, settings.orthoplane, instance)
     minimum = [min(max(1, g.tile - 2 * g.halo), g.length) for g in grids]
+    reserved = tile_batch_bytes(tile, settings.batch_size, spec.in_chans, channels)
     block_shape = plan_block_shape(grids, minimum, per_voxel, settings.memory_mb,
-                                   slices_first=spec.dims != "3d" and not settings.orthoplane)
+                                   slices_first=spec.dims != "3d" and not settings.orthoplane, reserved=reserved)
 
     keep_probs = "probabilities" in outputs or instance  # instances need the affinities for stitching
     prob_prefix = "" if "probabilities" in outputs else "_affinities"
