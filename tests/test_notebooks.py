@@ -10,9 +10,17 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# notebooks that train a model (tens of seconds to minutes on 2 CPU cores)
+SLOW = {"finetune_and_segment.ipynb"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_expected_notebooks_present():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"quickstart.ipynb", "benchmark_quickstart.ipynb", "finetune_and_segment.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
+                         ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, shared_data, monkeypatch):
     monkeypatch.setenv("CEMNET_SHARED_DATA", str(shared_data))
     monkeypatch.setenv("WANDB_MODE", "offline")
