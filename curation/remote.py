@@ -229,8 +229,12 @@ def is_unreadable(chunk: Any) -> bool:
 
 
 def forget_unreadable() -> None:
-    """Ask again for every chunk that failed before (a new run starts)."""
+    """Ask again for every chunk that failed before (a new run starts).
+
+    The tensorstore contexts go too: a read that timed out on our side may still be pending in
+    a context's cache, and a new read of that chunk would join it instead of asking again."""
     _dead.clear()
+    _contexts.clear()
 
 
 def _is_metadata(key: str) -> bool:
