@@ -134,6 +134,9 @@ def test_pretrained_frozen_encoder_provenance_and_wandb(isbi5: tuple[Path, Path]
         if f"encoder.{k}" in weights:
             assert torch.equal(weights[f"encoder.{k}"], v), k
     assert list((out / "wandb").glob("offline-run-*"))
+    import wandb
+
+    assert wandb.run is None  # finished: a later run in this process (pretrain, a sweep) gets its own
 
 
 def test_bad_input_gives_one_clear_message(isbi5: tuple[Path, Path], tmp_path: Path,

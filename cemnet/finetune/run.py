@@ -221,6 +221,19 @@ def run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetune
     """Train, keep the best / last model and write the run folder (see the module docstring).
 
     Returns the run record (settings, data record, history, best scores, paths)."""
+    loggers: list[Any] = []
+    try:
+        return _run_finetune(data, record, settings, out, resume=resume, overwrite=overwrite, loggers=loggers)
+    finally:
+        # finish the W&B run here, not at interpreter exit: its files are complete when we return,
+        # and a later run in this process (a notebook, a sweep) gets a run of its own
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish()
+
+
+def _run_finetune(data: BenchmarkData, record: dict[str, Any], settings: FinetuneSettings, out: str | os.PathLike, *,
+                  resume: bool, overwrite: bool, loggers: list[Any]) -> dict[str, Any]:
     from pytorch_lightning.loggers import CSVLogger
 
     from cemnet.finetune.data import fingerprint
@@ -231,7 +244,7 @@ def run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetune
     semantic = settings.task == "semantic"
     key = "iou" if semantic else "voi"
     voxel = settings.voxel_size or data.voxel_size_nm
-    loggers: list[Any] = [CSVLogger(save_dir=str(out), name="", version="")]
+    loggers.append(CSVLogger(save_dir=str(out), name="", version=""))
     if settings.wandb:
         from pytorch_lightning.loggers import WandbLogger
 
