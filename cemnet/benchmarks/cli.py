@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cemnet benchmark", description="Fine-tune and evaluate encoders on vEM benchmarks.",
                                 formatter_class=_HelpFormatter, epilog=__doc__.split("Examples::")[1])
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True,
-                           help="list | info | custom | a registered benchmark name")
+                           help="list | info | custom | probe | download | a registered benchmark name")
+    # probe and download have parsers of their own (see main); listed here so --help shows them
+    sub.add_parser("probe", help="frozen-feature probe of encoders (cemnet benchmark probe --help)", add_help=False)
+    sub.add_parser("download", help="fetch a registered benchmark, verified (cemnet benchmark download --help)",
+                   add_help=False)
     sub.add_parser("list", help="registered benchmarks", description="List the registered benchmarks.",
                    formatter_class=_HelpFormatter)
     info = sub.add_parser("info", help="URL, sha256, licence, citation and layout of one benchmark",
