@@ -247,15 +247,21 @@ def _drop_inherited_locks() -> None:
     outlived a killed ``cemnet curate`` kept the lock and every resume was refused. ``dup2`` of
     /dev/null over the inherited descriptor drops the child's share of it (closing the number
     instead could later close an unrelated file that reused it); the parent keeps the lock."""
-    if not _held_lock_fds:
+    release_in_child(_held_lock_fds)
+
+
+def release_in_child(fds: set[int]) -> None:
+    """Point each inherited descriptor of ``fds`` at /dev/null (in a forked child) and forget
+    them: the child's share of the open file goes, the number stays taken."""
+    if not fds:
         return
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
-        for fd in _held_lock_fds:
+        for fd in fds:
             os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    _held_lock_fds.clear()
+    fds.clear()
 
 
 if hasattr(os, "register_at_fork"):

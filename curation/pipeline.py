@@ -42,8 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 from curation.convert import Uint8Converter, sample_image, sample_volume
-from curation.corpus import (CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, shard_checksum, verify_shards,
-                             write_index_cache)
+from curation.corpus import (CorpusIndex, atomic_save_npy, hash_from_db, hash_to_db, release_in_child, shard_checksum,
+                             verify_shards, write_index_cache)
 from curation.dedup import greedy_groups
 from curation.exemplars import OnlineExemplars, visit_keys
 from curation.hashing import dhash_batch
@@ -349,15 +349,7 @@ _janitor_fds: set[int] = set()  # write ends of janitor pipes: forked workers mu
 def _drop_janitor_pipes() -> None:
     """In a forked child: let go of the janitors' pipes (else a janitor would wait for the
     workers too); /dev/null over the descriptor, as for the corpus lock."""
-    if not _janitor_fds:
-        return
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        for fd in _janitor_fds:
-            os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    _janitor_fds.clear()
+    release_in_child(_janitor_fds)
 
 
 if hasattr(os, "register_at_fork"):
