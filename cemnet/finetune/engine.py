@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from cemnet.methods.checkpointing import AtomicCheckpointIO
+
 __all__ = ["BatchSource", "BatchStream", "StreamDataModule", "FinetuneModule", "PeriodicEvaluation", "StepHook", "fit", "accelerator"]
 
 # Lightning's advice for map-style datasets does not apply to an in-memory batch stream
@@ -222,7 +224,7 @@ def fit(module: FinetuneModule, source: BatchSource, iterations: int, *, device:
         max_steps=int(iterations), max_epochs=-1, accelerator=acc, devices=devices, logger=logger,
         callbacks=list(callbacks), enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root_dir,
-        log_every_n_steps=1,
+        log_every_n_steps=1, plugins=[AtomicCheckpointIO()],  # resume checkpoints: temp file + fsync + rename
     )
     module.train()  # Lightning keeps the modes it finds; an evaluation before training left eval mode
     for m in module.frozen:

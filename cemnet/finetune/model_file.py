@@ -148,10 +148,12 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Pa
     """Write ``model``'s weights and ``spec`` to ``path`` (atomically; parents created)."""
     from safetensors.torch import save_file
 
+    from cemnet.transfer.checkpoint_io import give_usual_permissions, nonfinite_tensors
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise ModelFileError(f"{path}: refusing to save non-finite tensors ({', '.join(bad[:5])})")
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), METADATA_KEY: spec.to_json()}
@@ -159,18 +161,12 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Pa
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
+        give_usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_spec(path: str | os.PathLike) -> ModelSpec:

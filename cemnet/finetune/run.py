@@ -192,13 +192,6 @@ def _prepare_run_dir(out: Path, settings: FinetuneSettings, resume: bool, overwr
     return None
 
 
-def _atomic_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(str(tmp), weights_only=False)
-    os.replace(tmp, path)
-
-
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     import csv
 
@@ -311,7 +304,7 @@ def _run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetun
         _write_rows(module.history, out / "validation.csv")
         if step >= settings.iterations:
             save_model(module.model, spec_for(scores, step), out / "last.safetensors")
-        _atomic_checkpoint(trainer, out / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)  # atomic: the engine's CheckpointIO
 
     # Lightning's CSV logger starts metrics.csv afresh: keep the rows of the steps already done
     earlier = _read_rows(out / "metrics.csv") if ckpt_path else []
