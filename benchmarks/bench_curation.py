@@ -187,7 +187,8 @@ def _timed_curate(specs: list, out: Path, workers: int, keep_all_pixels: bool = 
     """Run ``cemnet curate`` on ``specs`` after a sync; returns (patches extracted, seconds,
     disk bytes written)."""
     from curation.corpus import Corpus
-    from curation.pipeline import CurateSettings, curate
+    from curation.pipeline import curate
+    from curation.settings import CurateSettings
 
     _settle()
     written = disk_bytes_written()

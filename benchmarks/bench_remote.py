@@ -61,7 +61,7 @@ def main() -> None:
         root = Path(tmp)
         vol = _mirror_tile(_neuroproof(), tuple(a.size))
         # Written in a child process: tensorstore used in this one would make the worker pool
-        # spawn instead of fork (curation.pipeline._pool_context), unlike a real `cemnet curate`.
+        # spawn instead of fork (curation.executor._pool_context), unlike a real `cemnet curate`.
         writer = mp.get_context("spawn").Process(target=write_stores, args=(vol, root / "stores", tuple(a.chunks)))
         writer.start()
         writer.join()

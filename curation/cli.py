@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curation.pipeline import CurateSettings
+from curation.settings import CurateSettings
 
 TOOLS = {
     "export-tiff": "write a CEM500K-style folder of 8-bit TIFF patches",

@@ -60,7 +60,7 @@ def _seed(spec: SourceSpec, seed: int) -> int:
 def expand_sampled(specs: Sequence[SourceSpec], settings: Any, log: Any = None) -> list[SourceSpec]:
     """Replace every spec with a sampling budget by its drawn blocks (see the module docstring).
 
-    ``settings``: :class:`curation.pipeline.CurateSettings` (patch size, planes, seed). A spec that
+    ``settings``: :class:`curation.settings.CurateSettings` (patch size, planes, seed). A spec that
     cannot be opened is kept as it is: the run reports its problem like any other source's."""
     from curation.readers import open_volume
 

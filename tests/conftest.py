@@ -33,7 +33,8 @@ def shared_data() -> Path:
 def small_corpus(tmp_path_factory, shared_data) -> Path:
     """A corpus curated from real shared data: NeuroProof FIB-SEM 250^3 (xy+xz+yz), ISBI 2012
     train slices (xy only) and one 16-bit OME-Zarr SEM tile. About 900 patches."""
-    from curation.pipeline import CurateSettings, curate
+    from curation.pipeline import curate
+    from curation.settings import CurateSettings
     from curation.readers import SourceSpec
 
     sources = [

@@ -13,10 +13,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from curation import pipeline
+from curation import scheduler, staging, stages
 from curation.corpus import Corpus, CorpusIndex, export_tiff_folder, open_corpus
-from curation.pipeline import CurateSettings, curate
+from curation.executor import Executor
+from curation.pipeline import curate
 from curation.readers import SourceSpec, open_volume
+from curation.settings import CurateSettings
+from curation.staging import StagingArea
 
 NEUROPROOF = "neuroproof_fibsem_medulla/training_sample1/grayscale_maps"
 
@@ -193,7 +196,7 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     settings = CurateSettings(patches_per_unit=64, filter="none")
     calls = []
-    real_run_unit = pipeline.run_unit
+    real_run_unit = scheduler.run_unit
     armed = [True]
 
     def flaky(unit):
@@ -203,10 +206,10 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
             raise KeyboardInterrupt  # Ctrl-C in the middle of the run
         return real_run_unit(unit)
 
-    monkeypatch.setattr(pipeline, "run_unit", flaky)
+    monkeypatch.setattr(scheduler, "run_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
         curate([spec], tmp_path / "c", settings, workers=1, progress=False)
-    assert not list(Path("/dev/shm").glob(pipeline.StagingArea(tmp_path / "c")._ram_prefix + "*")), "RAM staging left behind"
+    assert not list(Path("/dev/shm").glob(StagingArea(tmp_path / "c")._ram_prefix + "*")), "RAM staging left behind"
     done_before = _rows(tmp_path / "c", "SELECT key FROM tasks")
     assert 0 < len(done_before) < 7
     calls.clear()
@@ -216,14 +219,14 @@ def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared
     assert not redone & {k for (k,) in done_before}, "finished units must not run again"
     assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 750
     # Same patches as an uninterrupted run (the staged uint8 volume was rebuilt correctly).
-    monkeypatch.setattr(pipeline, "run_unit", real_run_unit)
+    monkeypatch.setattr(scheduler, "run_unit", real_run_unit)
     clean = curate([spec], tmp_path / "clean", settings, workers=1, progress=False)
     a, b = Corpus(tmp_path / "c", status=None), Corpus(clean, status=None)
     key = lambda c: sorted(zip(c.axes, c.slices, c.ys, c.xs, c.hashes.tolist()))  # noqa: E731
     assert key(a) == key(b)
     # A third run finds everything done and inspects nothing.
     calls.clear()
-    monkeypatch.setattr(pipeline, "run_unit", flaky)
+    monkeypatch.setattr(scheduler, "run_unit", flaky)
     curate([spec], tmp_path / "c", settings, workers=1, progress=False)
     assert calls == []
 
@@ -232,7 +235,7 @@ def test_corpus_stats_are_mean_and_std_of_true_pixels(small_corpus):
     corpus = Corpus(small_corpus)
     patches, sizes = corpus.get_padded(np.arange(len(corpus)))
     pixels = np.concatenate([p[:h, :w].ravel() for p, (h, w) in zip(patches, sizes)]) / 255.0
-    stats = pipeline.corpus_stats(small_corpus)
+    stats = stages.corpus_stats(small_corpus)
     assert stats["n_sampled"] == len(corpus) and (sizes < 224).any()  # padding must not count
     assert stats["mean"] == pytest.approx(pixels.mean(), rel=1e-9)
     assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
@@ -248,7 +251,7 @@ def test_filter_in_worker_processes_decides_as_in_process(small_corpus, tmp_path
     index = CorpusIndex(copy)
     index.db.execute("UPDATE patches SET filter_sig = NULL, score = NULL, filter_reason = NULL, status = 'new'")
     index.db.commit()
-    pipeline.apply_filter(index, CurateSettings(), progress=False, executor=None)
+    stages.apply_filter(index, CurateSettings(), progress=False, executor=None)
     index.close()
     assert _rows(copy, query) == parallel
 
@@ -263,7 +266,7 @@ def test_filter_stage_judges_only_exemplars_not_yet_judged_by_that_filter(small_
     assert 0 < n_exemplars < len(before)
 
     def evaluated(spec: str) -> int:
-        pipeline.apply_filter(index, CurateSettings(filter=spec), progress=False, executor=None)
+        stages.apply_filter(index, CurateSettings(filter=spec), progress=False, executor=None)
         return index.stages()["filter"][1]["evaluated"]
 
     assert evaluated("stats") == 0  # already judged by this very filter: nothing is read again
@@ -343,10 +346,10 @@ def test_killing_only_the_parent_leaves_no_lock_and_the_same_command_resumes(sha
     stack = str(shared_data / NEUROPROOF)
     args = [stack, "--stack-folders", "--voxel-size", "10", "10", "10", "--filter", "none", "--no-progress"]
     # The real CLI in a subprocess; units are slowed down so the kill lands mid-run.
-    script = ("import sys, time\nfrom curation import pipeline\nfrom curation.cli import main\n"
-              "real = pipeline.run_unit\n"
+    script = ("import sys, time\nfrom curation import scheduler\nfrom curation.cli import main\n"
+              "real = scheduler.run_unit\n"
               "def slow(unit):\n    time.sleep(0.5)\n    return real(unit)\n"
-              "pipeline.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
+              "scheduler.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
     run = subprocess.Popen([sys.executable, "-c", script, *args, "--out", str(tmp_path / "c"), "--workers", "2"],
                            stderr=subprocess.DEVNULL)
     deadline, workers = time.monotonic() + 60, set()
@@ -437,8 +440,8 @@ def test_many_small_sources_few_commits_a_bounded_pool_and_a_short_summary(share
 
     monkeypatch.setattr(curation.corpus.sqlite3, "connect", traced_connect)
     in_pool = []
-    real_wait_any = pipeline.Executor.wait_any
-    monkeypatch.setattr(pipeline.Executor, "wait_any",
+    real_wait_any = Executor.wait_any
+    monkeypatch.setattr(Executor, "wait_any",
                         lambda self, futures: in_pool.append(len(futures)) or real_wait_any(self, futures))
     specs = _slices_as_sources(shared_data, 60)
     curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False, report=False)
@@ -471,17 +474,18 @@ def test_killed_mid_run_loses_only_uncommitted_work_and_resumes(shared_data, tmp
     specs = _slices_as_sources(shared_data, 40)
     script = (
         "import sys, time, json\n"
-        "from curation import pipeline\n"
+        "from curation import pipeline, scheduler\n"
         "from curation.corpus import CorpusIndex\n"
+        "from curation.settings import CurateSettings\n"
         "from curation.readers import SourceSpec\n"
         "CorpusIndex.commit_every = 0.2\n"
-        "real = pipeline.inspect_source\n"
+        "real = scheduler.inspect_source\n"
         "def slow(*a):\n"
         "    time.sleep(0.05)\n"
         "    return real(*a)\n"
-        "pipeline.inspect_source = slow\n"
+        "scheduler.inspect_source = slow\n"
         "specs = [SourceSpec(**d) for d in json.loads(sys.argv[2])]\n"
-        "pipeline.curate(specs, sys.argv[1], pipeline.CurateSettings(filter='none'), workers=1, progress=False)\n"
+        "pipeline.curate(specs, sys.argv[1], CurateSettings(filter='none'), workers=1, progress=False)\n"
     )
     run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "c"),
                             json.dumps([{"path": s.path, "name": s.name} for s in specs])])
@@ -529,8 +533,8 @@ def test_no_room_to_stage_a_volume_fails_that_source_only(shared_data, tmp_path,
     SIGBUS; the space is checked and reserved up front, and only that source is skipped."""
     import collections
 
-    monkeypatch.setattr(pipeline.StagingArea, "_ram_to_spare", lambda self: 0)  # stage on disk
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: collections.namedtuple(
+    monkeypatch.setattr(StagingArea, "_ram_to_spare", lambda self: 0)  # stage on disk
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: collections.namedtuple(
         "usage", "total used free")(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
     volume = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)  # 250^3: 15 MB to stage
     image = SourceSpec(path=str(shared_data / "isbi2012" / "train" / "images" / "0.png"), name="isbi0")
@@ -544,7 +548,7 @@ def test_no_room_to_stage_a_volume_fails_that_source_only(shared_data, tmp_path,
     assert not list((tmp_path / "c" / "work").glob("*.npy"))
 
 
-_REAL_RUN_UNIT = pipeline.run_unit
+_REAL_RUN_UNIT = scheduler.run_unit
 
 
 def _run_unit_or_die(unit):
@@ -557,7 +561,7 @@ def _run_unit_or_die(unit):
     return _REAL_RUN_UNIT(unit)
 
 
-_REAL_FILTER_BATCH = pipeline.filter_batch
+_REAL_FILTER_BATCH = stages.filter_batch
 _MAIN_PID = __import__("os").getpid()
 
 
@@ -575,7 +579,7 @@ def test_a_worker_killed_while_filtering_does_not_end_the_run(shared_data, tmp_p
     specs = _slices_as_sources(shared_data, 30)
     query = "SELECT source, status, reason FROM patches ORDER BY source"
     clean = curate(specs, tmp_path / "clean", CurateSettings(), workers=2, progress=False, report=False)
-    monkeypatch.setattr(pipeline, "filter_batch", _filter_batch_or_die)
+    monkeypatch.setattr(stages, "filter_batch", _filter_batch_or_die)
     curate(specs, tmp_path / "c", CurateSettings(), workers=2, progress=False, report=False)
     assert "the filter goes on in the main process" in capsys.readouterr().err
     assert _rows(tmp_path / "c", query) == _rows(clean, query)
@@ -585,7 +589,7 @@ def test_a_worker_killed_while_filtering_does_not_end_the_run(shared_data, tmp_p
 def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, monkeypatch, capsys):
     """The OOM killer takes a worker: the pool is restarted, the tasks it held run again one at a
     time, the one that kills its worker again fails its source only, and the run goes on."""
-    monkeypatch.setattr(pipeline, "run_unit", _run_unit_or_die)  # the pool forks after this: workers see it
+    monkeypatch.setattr(scheduler, "run_unit", _run_unit_or_die)  # the pool forks after this: workers see it
     images = sorted((shared_data / "isbi2012" / "train" / "images").glob("*.png"))[:6]
     specs = [SourceSpec(path=str(shared_data / NEUROPROOF), name="greedy", stack=True)]
     specs += [SourceSpec(path=str(f), name=f"isbi{k}") for k, f in enumerate(images)]
@@ -640,10 +644,10 @@ def test_changed_settings_recut_a_source_and_never_overlap_units(shared_data, tm
 
     # Interrupted with 64 patches per unit, resumed with 32: without care the new, thinner units
     # would re-cut z-ranges that old, finished units already hold.
-    monkeypatch.setattr(pipeline, "run_unit", interrupt_at_7)
+    monkeypatch.setattr(scheduler, "run_unit", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
         curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=64), workers=1, progress=False)
-    monkeypatch.setattr(pipeline, "run_unit", _REAL_RUN_UNIT)
+    monkeypatch.setattr(scheduler, "run_unit", _REAL_RUN_UNIT)
     curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=32), workers=1, progress=False,
            report=False)
     assert "cut again, the settings that cut it changed (patches_per_unit 64 -> 32)" in capsys.readouterr().err
@@ -714,7 +718,6 @@ def test_corpus_keeps_few_shards_mapped(shared_data, tmp_path):
 
 
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_run(small_corpus, tmp_path):
-    from curation.pipeline import StagingArea
 
     copy = tmp_path / "c"
     shutil.copytree(small_corpus, copy)
@@ -740,16 +743,15 @@ def test_a_killed_or_terminated_run_leaves_no_staging_behind(shared_data, tmp_pa
     import subprocess
     import sys
 
-    from curation.pipeline import StagingArea
 
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm: staging goes to CORPUS/work, removed by the next run")
     out = tmp_path / "c"
     ram_files = f"{StagingArea(out)._ram_prefix}*.u8.npy"
-    script = ("import sys, time\nfrom curation import pipeline\nfrom curation.cli import main\n"
-              "real = pipeline.run_unit\n"
+    script = ("import sys, time\nfrom curation import scheduler\nfrom curation.cli import main\n"
+              "real = scheduler.run_unit\n"
               "def slow(unit):\n    time.sleep(0.5)\n    return real(unit)\n"
-              "pipeline.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
+              "scheduler.run_unit = slow\nsys.exit(main(sys.argv[1:]))\n")
     run = subprocess.Popen([sys.executable, "-c", script, str(shared_data / NEUROPROOF), "--stack-folders",
                             "--voxel-size", "10", "10", "10", "--out", str(out), "--no-progress", "--workers", "2"],
                            stderr=subprocess.PIPE, text=True)
@@ -775,7 +777,6 @@ def test_a_killed_or_terminated_run_leaves_no_staging_behind(shared_data, tmp_pa
 
 
 def test_staging_area_uses_ram_when_it_fits_and_cleans_up(tmp_path):
-    from curation.pipeline import StagingArea
 
     area = StagingArea(tmp_path / "c")
     ram = area.create("vol", (4, 64, 64))
@@ -834,7 +835,7 @@ def test_dedup_does_not_depend_on_the_order_units_finished(small_corpus, tmp_pat
             index.upsert_source(r["name"], path=r["path"], dataset=r["dataset"] or r["name"], status="done")
         for shard in order:
             index.commit_task(by_shard[shard][0][0], shard, shard, by_shard[shard], 0.0)
-        pipeline.deduplicate(index, CurateSettings(), progress=False)
+        stages.deduplicate(index, CurateSettings(), progress=False)
         ids = index.db.execute("SELECT id, source, axis, slice, y, x, group_id FROM patches").fetchall()
         where = {i: k for i, *k, _ in ids}
         decisions.append(sorted((tuple(k), tuple(where[g])) for i, *k, g in ids))

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from curation import pipeline
-from curation.corpus import Corpus
+from curation import exemplar_store
+from curation.corpus import Corpus, CorpusIndex
 from curation.dedup import greedy_groups
 from curation.exemplars import OnlineExemplars, visit_keys, visit_order
-from curation.pipeline import CurateSettings, curate
+from curation.pipeline import curate
+from curation.pixels import discard_staged_units
 from curation.readers import SourceSpec
+from curation.settings import CurateSettings
+from curation.staging import StagingArea
 
 NEUROPROOF = "neuroproof_fibsem_medulla/training_sample1/grayscale_maps"
 ISBI = "isbi2012/train/images"
@@ -119,7 +122,7 @@ def test_new_exemplars_after_a_dedup_change_are_recut_from_the_source(neuroproof
     spec = SourceSpec(path=str(Path(Corpus(lean).source_specs()["np"]["path"])), name="np", stack=True)
     settings = CurateSettings(patches_per_unit=128, dedup_distance=4)
     curate([spec], tmp_path / "lean", settings, workers=1, progress=False, report=False)
-    stage = dict(pipeline.CorpusIndex(tmp_path / "lean").stages().items())
+    stage = dict(CorpusIndex(tmp_path / "lean").stages().items())
     assert stage["pixels"][1]["recut"] > 50
     reference = curate([spec], tmp_path / "full", CurateSettings(patches_per_unit=128, dedup_distance=4,
                                                                   keep_all_pixels=True),
@@ -145,7 +148,7 @@ def test_adding_a_source_later_under_global_dedup_keeps_kept_pixels_right(tmp_pa
 def test_staging_stays_within_units_in_flight_plus_exemplars(shared_data, tmp_path, monkeypatch):
     """NeuroProof's 750 patches (37 MB of pixels) never sit on disk at once: at any time the
     shards hold the exemplars stored so far and staging only the finished unit being stored."""
-    real = pipeline.store_unit_pixels
+    real = exemplar_store.store_unit_pixels
     peaks = []
 
     def measured(root, staged, shard, rows, keep, remove=None):
@@ -153,12 +156,12 @@ def test_staging_stays_within_units_in_flight_plus_exemplars(shared_data, tmp_pa
         peaks.append((_shard_bytes(root) + stage, len(rows)))
         return real(root, staged, shard, rows, keep, remove=None)  # removed at once, not in the background
 
-    settings_dirs = [f"/dev/shm/{pipeline.StagingArea(tmp_path / 'c')._ram_prefix}units", str(tmp_path / "c/work/units")]
-    monkeypatch.setattr(pipeline, "store_unit_pixels", measured)
+    settings_dirs = [f"/dev/shm/{StagingArea(tmp_path / 'c')._ram_prefix}units", str(tmp_path / "c/work/units")]
+    monkeypatch.setattr(exemplar_store, "store_unit_pixels", measured)
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     out = curate([spec], tmp_path / "c", CurateSettings(patches_per_unit=64), workers=1, progress=False, report=False)
     patch = 224 * 224
-    info = pipeline.CorpusIndex(out).stages()["exemplars"][1]
+    info = CorpusIndex(out).stages()["exemplars"][1]
     assert info["patches"] == 750
     largest_unit = max(n for _, n in peaks)
     bound = (largest_unit + info["stored"]) * patch + 4096 * len(peaks)  # + npy headers
@@ -230,7 +233,7 @@ def test_killed_while_rewriting_shards_leaves_a_consistent_corpus(shared_data, t
     spec = {"path": str(shared_data / NEUROPROOF), "name": "np", "stack": True}
     script = (
         "import os, sys, json\n"
-        "from curation import pixels, pipeline\n"
+        "from curation import pixels, pipeline, settings\n"
         "from curation.corpus import CorpusIndex\n"
         "from curation.readers import SourceSpec\n"
         "CorpusIndex.commit_every = 0.0\n"
@@ -243,7 +246,7 @@ def test_killed_while_rewriting_shards_leaves_a_consistent_corpus(shared_data, t
         "    real(path, array)\n"
         "pixels.atomic_save_npy = dying\n"
         "pipeline.curate([SourceSpec(**json.loads(sys.argv[2]))], sys.argv[1],\n"
-        "                pipeline.CurateSettings(patches_per_unit=128, filter=sys.argv[3]), workers=1,\n"
+        "                settings.CurateSettings(patches_per_unit=128, filter=sys.argv[3]), workers=1,\n"
         "                progress=False)\n"
     )
     flt = "stats:min_std=30"  # filters about half of NeuroProof's exemplars: many shards to rewrite
@@ -337,7 +340,7 @@ def test_unit_staging_left_by_a_killed_run_is_found_by_its_clean_up(tmp_path, sh
     from PIL import Image
 
     plane = np.asarray(Image.open(sorted((shared_data / ISBI).glob("*.png"))[0]).convert("L"))[None, :224, :224]
-    area, other = pipeline.StagingArea(tmp_path / "c"), pipeline.StagingArea(tmp_path / "other")
+    area, other = StagingArea(tmp_path / "c"), StagingArea(tmp_path / "other")
     dirs = [str(d) for d in area.unit_dirs()]
     staged = [save_staged(dirs, "np", "xy-00000", plane), save_staged(dirs[-1:], "np", "xz-00001", plane)]
     theirs = save_staged([str(d) for d in other.unit_dirs()], "np", "xy-00000", plane)
@@ -348,7 +351,7 @@ def test_unit_staging_left_by_a_killed_run_is_found_by_its_clean_up(tmp_path, sh
     finally:
         for p in [*staged, theirs]:
             Path(p).unlink(missing_ok=True)
-        pipeline.discard_staged_units(dirs + [str(d) for d in other.unit_dirs()])
+        discard_staged_units(dirs + [str(d) for d in other.unit_dirs()])
 
 
 def test_verify_counts_units_without_pixels_as_intact(tmp_path, shared_data, capsys):

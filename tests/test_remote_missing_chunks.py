@@ -17,8 +17,9 @@ from PIL import Image
 from curation.corpus import CorpusIndex
 from curation.filters import MISSING_CHUNKS_REASON
 from curation.missing_chunks import missing_fraction
-from curation.pipeline import CurateSettings, curate
+from curation.pipeline import curate
 from curation.readers import SourceSpec, open_volume
+from curation.settings import CurateSettings
 
 PATCH = 32
 

@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from curation.corpus import CorpusIndex
-from curation.pipeline import CurateSettings, curate
+from curation.pipeline import curate
 from curation.readers import SourceSpec, discover, load_manifest, open_volume, source_fingerprint
 from curation.remote_serve import FolderServer
+from curation.settings import CurateSettings
 
 PATCH = 32
 SHAPE = (32, 96, 96)
