@@ -31,7 +31,7 @@ from curation.corpus import CorpusIndex, write_index_cache
 from curation.executor import Executor
 from curation.remote import forget_unreadable
 from curation.remote_sampling import expand_sampled
-from curation.scheduler import extract
+from curation.scheduler import Scheduler
 from curation.settings import CurateSettings
 from curation.stages import apply_filter, corpus_stats, deduplicate, drop_unneeded_pixels
 from curation.workers import release_scratch_buffers
@@ -67,7 +67,7 @@ def curate(
         executor = Executor(workers, scheduler)
         t0 = time.perf_counter()
         try:
-            extract(index, specs, settings, executor, progress)
+            Scheduler(index, settings, executor, progress=progress).run(specs)
             index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
             deduplicate(index, settings, progress)
             apply_filter(index, settings, progress=progress, executor=executor)

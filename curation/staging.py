@@ -185,7 +185,7 @@ class StagingArea:
     def discard_leftovers(self) -> list[Path]:
         """Remove staging files that a killed run (SIGKILL, OOM, power loss) left for this corpus,
         in RAM and in ``CORPUS/work``. Only call it while holding the corpus lock (as
-        :func:`extract` does): then no other run can be using them. Returns what was removed."""
+        :class:`curation.scheduler.Scheduler` does): then no other run can be using them. Returns what was removed."""
         stale = self._leftovers()
         live = {p for paths in self.live.values() for p in paths}
         for path in stale:
