@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from curation.settings import CurateSettings
@@ -40,8 +41,29 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {'none' if default in (None, '') else default})"
 
 
+def _add_settings_options(group: argparse._ActionsContainer) -> None:
+    """One option per :class:`CurateSettings` field (its flag, help, choices from the field)."""
+    for f in fields(CurateSettings):
+        meta, default = f.metadata, f.default
+        kwargs: dict = {"dest": f.name, "default": default, "help": meta["help"]}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        elif isinstance(default, tuple):
+            kwargs.update(type=type(default[0]), nargs=len(default), metavar=meta["metavar"])
+        else:
+            kwargs["type"] = type(default)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        group.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> CurateSettings:
+    """The :class:`CurateSettings` of parsed ``cemnet curate`` options."""
+    values = {f.name: getattr(args, f.name) for f in fields(CurateSettings)}
+    return CurateSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    d = CurateSettings()
     tools = "\n".join(f"  {name:<13} {what}" for name, what in TOOLS.items())
     p = argparse.ArgumentParser(
         prog="cemnet curate", formatter_class=_HelpFormatter,
@@ -59,29 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="voxel size (nm) for all SOURCES given on the command line (default: from the files)")
     p.add_argument("--key", help="HDF5 dataset / zarr array for all SOURCES (default: the only or largest one)")
     p.add_argument("--scale-level", type=int, default=0, help="OME-Zarr multiscale level")
-    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side in pixels")
-    p.add_argument("--max-anisotropy", type=float, default=d.max_anisotropy,
-                   help="cut xz/yz planes too when |sx - sz| / sx <= this")
-    p.add_argument("--axes", default=d.axes, help="planes to cut: 'auto' (by --max-anisotropy) or a list such as 'xy,xz,yz'")
-    p.add_argument("--slice-stride", type=int, default=d.slice_stride, help="cut every Nth slice of each plane")
-    p.add_argument("--uint8", dest="uint8_rule", default=d.uint8_rule, choices=["auto", "dtype", "percentile", "minmax"],
-                   help="grey-level mapping to uint8 (see docs/readers.md)")
-    p.add_argument("--percentiles", type=float, nargs=2, default=d.percentiles, metavar=("LOW", "HIGH"),
-                   help="percentiles the 'percentile' rule stretches between")
-    p.add_argument("--dedup-distance", type=int, default=d.dedup_distance,
-                   help="dHash Hamming distance at or below which patches are near-duplicates")
-    p.add_argument("--dedup-scope", default=d.dedup_scope, choices=["dataset", "global", "none"],
-                   help="deduplicate within each dataset (CEM500K), across all sources, or not at all")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the dedup's random reference order")
-    p.add_argument("--filter", default=d.filter,
-                   help="'stats', 'none', 'logistic:FILE.json', 'cem500k:FILE.pth', or 'stats:key=value,...'")
     p.add_argument("--workers", type=int, default=2, help="processes (1 = in-process)")
     p.add_argument("--scheduler", help="Dask scheduler address: run the units on that cluster (shared filesystem) "
                    "(default: local processes)")
-    p.add_argument("--memory-mb", type=int, default=d.memory_mb, help="bound on the data one unit holds (MB)")
-    p.add_argument("--keep-all-pixels", action="store_true",
-                   help="store the pixels of duplicates and filtered patches too (else kept patches only; "
-                   "the others keep their provenance and can be re-cut: cemnet curate recut)")
+    _add_settings_options(p.add_argument_group("corpus settings (stored in CORPUS/corpus.json)"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -244,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from curation.pipeline import curate
     from curation.readers import ReaderError
 
-    settings = CurateSettings(
-        patch_size=args.patch_size, max_anisotropy=args.max_anisotropy, axes=args.axes,
-        slice_stride=args.slice_stride, uint8_rule=args.uint8_rule, percentiles=tuple(args.percentiles),
-        dedup_distance=args.dedup_distance, dedup_scope=args.dedup_scope, seed=args.seed,
-        filter=args.filter, memory_mb=args.memory_mb, keep_all_pixels=args.keep_all_pixels,
-    )
+    settings = settings_from_args(args)
     try:
         specs, skipped = _specs(args)
     except (ReaderError, FileNotFoundError, ValueError) as err:

@@ -38,7 +38,7 @@ from curation.readers import ReaderError, source_fingerprint
 from curation.resume import drop_damaged_shards, unique_name, why_cut_again
 from curation.settings import PATCH_SETTINGS, PLAN_SETTINGS, CurateSettings
 from curation.staging import StagingArea
-from curation.units import Inspection, Unit, plan_units
+from curation.units import Inspection, Unit, UnitKind, plan_units
 from curation.workers import inspect_source, run_unit
 
 WORKER_DIED = ("a worker process died while reading or cutting it (killed for lack of memory? "
@@ -97,7 +97,7 @@ class Scheduler:
         self.suspects: set[tuple[str, str]] = set()
         self.n_patches = 0
         self.exemplars: ExemplarStore | None = None
-        self.unit_settings: dict[str, Any] = {}
+        self.stage_dirs: tuple[str, ...] = ()  # where units stage their patches (exemplars-only storage)
         self.bar: Any = None
 
     # ------------------------------------------------------------------ the run
@@ -109,7 +109,7 @@ class Scheduler:
             tqdm.write(f"removed {path}, staging left by an earlier run that was killed", file=sys.stderr)
         staging_area.start_janitor()  # before the pool forks its workers: they must not hold its pipe
         self.exemplars = ExemplarStore(self.index, self.settings, staging_area)
-        self.unit_settings = {**self.settings.to_json(), "stage_dirs": self.exemplars.stage_dirs}
+        self.stage_dirs = tuple(self.exemplars.stage_dirs)
         self.bar = tqdm(total=len(self.inspect_backlog), desc="extract", unit="unit", disable=not self.progress,
                         dynamic_ncols=True)
         try:
@@ -224,7 +224,7 @@ class Scheduler:
             else:
                 name = self.inspect_backlog.popleft()
                 future = self._launch(inspect_source, name, self.sources[name].spec, str(self.index.root),
-                                      self.unit_settings)
+                                      self.settings, self.stage_dirs)
                 self.pending[future] = Task(name)
 
     def _advance(self, name: str) -> None:
@@ -256,15 +256,15 @@ class Scheduler:
             self.n_patches += len(insp.result.rows)
             return
         done = self.index.done_tasks(name)
-        units = plan_units(name, state.spec, insp, str(self.index.root), self.unit_settings)
+        units = plan_units(name, state.spec, insp, str(self.index.root), self.settings, self.stage_dirs)
         xy = units.pop("xy", [])
         planes = [u for us in units.values() for u in us if u.key not in done]
         todo_xy = [u for u in xy if u.key not in done]
         if planes:  # the xy units stage the volume for them, the finished ones included
             shape, kinds = tuple(insp.info["shape"]), {u.kind for u in planes}
             try:
-                zyx = self.staging_area.create(name, shape) if "xz" in kinds else None
-                xzy = self.staging_area.create(name, shape, "xzy") if "yz" in kinds else None
+                zyx = self.staging_area.create(name, shape) if UnitKind.XZ in kinds else None
+                xzy = self.staging_area.create(name, shape, "xzy") if UnitKind.YZ in kinds else None
             except OSError as err:  # e.g. no room for the staged copies
                 self.fail_source(name, err)
                 return
@@ -272,7 +272,7 @@ class Scheduler:
                 u.staging, u.staging_t = zyx, xzy
             for u in xy:
                 if u.key in done:  # cut in an earlier run: only its data is needed
-                    u.kind, u.key = "stage", "stage-" + u.key
+                    u.kind, u.key = UnitKind.STAGE, "stage-" + u.key
                     todo_xy.append(u)
             state.plane_units, state.open_xy = planes, {u.key for u in todo_xy}
         self._queue_units(todo_xy)
@@ -282,7 +282,7 @@ class Scheduler:
         state = self.sources[unit.source]
         if result is not None:
             state.missing.update(result.missing)
-            if unit.kind != "stage":
+            if unit.kind != UnitKind.STAGE:
                 self.exemplars.commit(unit.source, result)
                 self.n_patches += len(result.rows)
         state.open_xy.discard(unit.key)
@@ -291,8 +291,8 @@ class Scheduler:
         """A unit failed on bad data in its range: skip the range, keep the rest of the source.
         An xy range the xz / yz planes needed is left out of them too (see Unit.bad_z)."""
         state = self.sources[unit.source]
-        where = f"{'xy' if unit.kind == 'stage' else unit.kind} {unit.start}-{unit.stop}"
-        if unit.kind in ("xy", "stage") and (unit.staging or unit.staging_t):
+        where = f"{'xy' if unit.kind == UnitKind.STAGE else unit.kind.value} {unit.start}-{unit.stop}"
+        if unit.kind in (UnitKind.XY, UnitKind.STAGE) and (unit.staging or unit.staging_t):
             state.bad_z.append((unit.start, unit.stop))
         state.lost_units.append(where)
         self.index.add_skipped(f"{state.spec['path']} ({where})", _problem(err))

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from curation.convert import Uint8Converter
 from curation.patching import grid_starts
+from curation.settings import CurateSettings
+
+
+class UnitKind(StrEnum):
+    """What a unit does."""
+
+    XY = "xy"  # cut a z-range of xy planes (and stage it when xz / yz planes follow)
+    STAGE = "stage"  # stage a z-range whose xy patches an earlier run cut (no patches)
+    XZ = "xz"  # cut a y-range of xz planes from the staged volume
+    YZ = "yz"  # cut an x-range of yz planes from the staged x-first copy
+    BAND = "band"  # cut rows of patches of a large 2D image
 
 
 @dataclass
@@ -19,14 +31,15 @@ class Unit:
 
     source: str
     key: str
-    kind: str  # "xy", "stage" (xy re-staging without patches), "xz", "yz", "band" (rows of a 2D image)
+    kind: UnitKind
     spec: dict[str, Any]
     converter: Uint8Converter
     start: int
     stop: int
     shape: tuple[int, int, int]
     root: str
-    settings: dict[str, Any]
+    settings: CurateSettings
+    stage_dirs: tuple[str, ...] = ()  # where its patches wait for the exemplar decision (none: it writes its shard)
     staging: str | None = None  # the uint8 volume as read, (z, y, x): xz planes are cut from it
     staging_t: str | None = None  # an x-first copy, (x, z, y): each yz plane is one contiguous block
     bad_z: list[tuple[int, int]] = field(default_factory=list)  # z-ranges never staged (unreadable)
@@ -70,21 +83,22 @@ def _chunk_aligned(step: int, chunk: int) -> int:
     return max(d for d in range(1, step + 1) if chunk % d == 0)
 
 
-def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: dict[str, Any]) -> dict[str, list[Unit]]:
+def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: CurateSettings,
+               stage_dirs: tuple[str, ...] = ()) -> dict[str, list[Unit]]:
     """Split a volume into bounded units per plane: {"xy": [...], "xz": [...], "yz": [...]}."""
     nz, ny, nx = insp.info["shape"]
-    p, budget = settings["patch_size"], settings["memory_mb"] * 2**20
+    p, budget = settings.patch_size, settings.memory_mb * 2**20
     itemsize = max(np.dtype(insp.info["dtype"]).itemsize, 4)  # float32 during conversion
     plane_dims = {"xy": ((ny, nx), nz), "xz": ((nz, nx), ny), "yz": ((nz, ny), nx)}
     units: dict[str, list[Unit]] = {}
     if not insp.info["is_volume"] and nz == 1:  # a large 2D image: bands of whole patch rows
         starts = grid_starts(ny, p)
         by_memory = budget // max(1, p * nx * itemsize)
-        by_patches = settings["patches_per_unit"] // max(1, len(grid_starts(nx, p)))
+        by_patches = settings.patches_per_unit // max(1, len(grid_starts(nx, p)))
         rows = max(1, min(by_memory, by_patches))  # patch rows per band
         return {"xy": [
-            Unit(source, f"band-{starts[i]:06d}", "band", spec, insp.converter, starts[i],
-                 starts[i + rows] if i + rows < len(starts) else ny, (nz, ny, nx), root, settings)
+            Unit(source, f"band-{starts[i]:06d}", UnitKind.BAND, spec, insp.converter, starts[i],
+                 starts[i + rows] if i + rows < len(starts) else ny, (nz, ny, nx), root, settings, stage_dirs)
             for i in range(0, len(starts), rows)
         ]}
     for axis in insp.planes:
@@ -92,7 +106,7 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
         per_plane = max(1, len(grid_starts(h, p)) * len(grid_starts(w, p)))
         by_memory = budget // max(1, h * w * (itemsize if axis == "xy" else 1))
         if axis == "xy":
-            step = min(settings["patches_per_unit"] // per_plane * settings["slice_stride"], by_memory)
+            step = min(settings.patches_per_unit // per_plane * settings.slice_stride, by_memory)
             step = _chunk_aligned(step, int(insp.info.get("chunk_zyx", [1])[0]))
         else:
             # Planes are cut in place from the staged copies; a unit holds their patches, so
@@ -100,8 +114,8 @@ def plan_units(source: str, spec: dict, insp: Inspection, root: str, settings: d
             step = min(by_memory, math.ceil(depth / 4))
         step = max(1, step)
         units[axis] = [
-            Unit(source, f"{axis}-{start:05d}", axis, spec, insp.converter, start, min(start + step, depth),
-                 (nz, ny, nx), root, settings)
+            Unit(source, f"{axis}-{start:05d}", UnitKind(axis), spec, insp.converter, start, min(start + step, depth),
+                 (nz, ny, nx), root, settings, stage_dirs)
             for start in range(0, depth, step)
         ]
     return units

@@ -962,6 +962,24 @@ def test_curate_help_shows_every_option_with_its_default_and_a_line_of_help(caps
                 assert "(default" in shown, f"{argv}: {action.option_strings[0]} shows no default"
     assert all(f"{tool} {what}" in texts[()] for tool, what in cli.TOOLS.items())  # the tools, listed
 
+def test_curate_options_are_the_settings_fields_and_build_the_same_settings():
+    """`cemnet curate` offers one option per CurateSettings field, with the field's default."""
+    from dataclasses import fields
+
+    from curation import cli
+
+    parser = cli._build_parser()
+    dests = {action.dest: action for action in parser._actions}
+    for f in fields(CurateSettings):
+        assert dests[f.name].default == f.default and dests[f.name].help == f.metadata["help"]
+    assert cli.settings_from_args(parser.parse_args(["x", "--out", "c"])) == CurateSettings()
+    given = parser.parse_args(["x", "--out", "c", "--uint8", "percentile", "--percentiles", "1", "99",
+                               "--patches-per-unit", "64", "--keep-all-pixels", "--dedup-scope", "global"])
+    assert cli.settings_from_args(given) == CurateSettings(uint8_rule="percentile", percentiles=(1.0, 99.0),
+                                                           patches_per_unit=64, keep_all_pixels=True,
+                                                           dedup_scope="global")
+
+
 
 def test_train_filter_from_user_labels_then_refilter(tmp_path, shared_data):
     """A lab labels some patches (CSV id -> informative), trains a filter, and re-filters its corpus."""
