@@ -47,11 +47,13 @@ def curate(
     skipped: Sequence[tuple[str, str]] = (),
     progress: bool = True,
     report: bool = True,
+    executor: Executor | None = None,
 ) -> Path:
     """Build or extend the corpus at ``out`` from ``specs`` (``curation.readers.SourceSpec``).
 
     Returns the corpus folder. Sources finished in an earlier run are skipped; units finished
-    before an interruption are kept.
+    before an interruption are kept. The work runs on ``executor`` when given (the caller shuts
+    it down), else on one made from ``workers`` and ``scheduler``.
 
     Raises:
         curation.corpus.CorpusLockedError: another run (or open ``CorpusIndex``) is writing ``out``.
@@ -64,16 +66,19 @@ def curate(
     try:
         for path, problem in skipped:
             index.add_skipped(str(path), problem)
-        executor = Executor(workers, scheduler)
+        own_executor = executor is None
+        executor = executor or Executor(workers, scheduler)
         t0 = time.perf_counter()
         try:
             Scheduler(index, settings, executor, progress=progress).run(specs)
-            index.record_stage("extract", time.perf_counter() - t0, {"workers": workers, "executor": executor.kind})
+            index.record_stage("extract", time.perf_counter() - t0, {"workers": executor.workers,
+                                                                   "executor": executor.kind})
             deduplicate(index, settings, progress)
             apply_filter(index, settings, progress=progress, executor=executor)
             drop_unneeded_pixels(index, settings, progress)
         finally:
-            executor.shutdown()
+            if own_executor:
+                executor.shutdown()
             release_scratch_buffers()  # in-process (serial) runs: do not hold the buffers
         index.flush()  # readers (the cache, stats, report) see committed data only
         write_index_cache(index.root)  # after the last write to index.sqlite of this run

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from curation.corpus import release_in_child
 
 
-def _reserve(path: Path, nbytes: int) -> None:
-    """Allocate the blocks of a sparse staging file now: a memory-mapped write into a full disk
-    kills the writing process (SIGBUS) instead of raising, which would take the run down."""
-    free = shutil.disk_usage(path.parent).free
+def _reserve(path: Path, nbytes: int, free: int) -> None:
+    """Allocate the blocks of a sparse staging file now (``free``: bytes free on its disk): a
+    memory-mapped write into a full disk kills the writing process (SIGBUS) instead of raising,
+    which would take the run down."""
     try:
         if nbytes > free:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -88,6 +88,10 @@ class StagingArea:
         budget = min(available * self.ram_fraction, shm.f_bavail * shm.f_frsize * 0.5)
         return int(budget) - sum(self._ram_bytes.values())
 
+    def free_bytes(self, folder: Path) -> int:
+        """Free space on the disk of ``folder``."""
+        return shutil.disk_usage(folder).free
+
     def create(self, source: str, shape: tuple[int, int, int], layout: str = "zyx") -> str:
         """A fresh, empty uint8 memmap of ``source``'s (z, y, x) ``shape`` stored in ``layout``
         order ("zyx", or "xzy": x first); any earlier file of it is discarded (units do not
@@ -107,7 +111,7 @@ class StagingArea:
         self.live.setdefault(source, []).append(path)  # before it exists: a Ctrl-C in between still removes it
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=stored).flush()
         if path == disk:
-            _reserve(path, nbytes)
+            _reserve(path, nbytes, self.free_bytes(path.parent))
         if path == ram:
             self._ram_bytes[source] = self._ram_bytes.get(source, 0) + nbytes
         return str(path)

@@ -13,13 +13,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from curation import scheduler, staging, stages
+from curation import stages
 from curation.corpus import Corpus, CorpusIndex, export_tiff_folder, open_corpus
 from curation.executor import Executor
 from curation.pipeline import curate
 from curation.readers import SourceSpec, open_volume
 from curation.settings import CurateSettings
 from curation.staging import StagingArea
+from curation_executors import FakeExecutor, KillingExecutor
 
 NEUROPROOF = "neuroproof_fibsem_medulla/training_sample1/grayscale_maps"
 
@@ -192,43 +193,33 @@ def test_damaged_index_or_shards_give_one_line_naming_the_file(small_corpus, sha
     one_line_error(["export-tiff", str(offset), str(tmp_path / "t")], "the index needs uint8 (")
 
 
-def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared_data, monkeypatch):
+def _units_run(executor: FakeExecutor) -> list[str]:
+    return [key for fn, _, key in executor.ran if fn == "run_unit"]
+
+
+def test_interrupted_run_resumes_without_losing_or_redoing_work(tmp_path, shared_data):
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     settings = CurateSettings(patches_per_unit=64, filter="none")
-    calls = []
-    real_run_unit = scheduler.run_unit
-    armed = [True]
-
-    def flaky(unit):
-        calls.append(unit.key)
-        if armed[0] and len(calls) == 7:
-            armed[0] = False
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
-        return real_run_unit(unit)
-
-    monkeypatch.setattr(scheduler, "run_unit", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        curate([spec], tmp_path / "c", settings, workers=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the middle of the run, at its 7th unit
+        curate([spec], tmp_path / "c", settings, progress=False, executor=FakeExecutor(1, interrupt_at=7))
     assert not list(Path("/dev/shm").glob(StagingArea(tmp_path / "c")._ram_prefix + "*")), "RAM staging left behind"
     done_before = _rows(tmp_path / "c", "SELECT key FROM tasks")
     assert 0 < len(done_before) < 7
-    calls.clear()
     # The interrupted run released the corpus lock, so this process can run again at once.
-    curate([spec], tmp_path / "c", settings, workers=1, progress=False)
-    redone = {k for k in calls if not k.startswith("stage-")}
+    resumed = FakeExecutor(1)
+    curate([spec], tmp_path / "c", settings, progress=False, executor=resumed)
+    redone = {k for k in _units_run(resumed) if not k.startswith("stage-")}
     assert not redone & {k for (k,) in done_before}, "finished units must not run again"
     assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches")[0][0] == 750
     # Same patches as an uninterrupted run (the staged uint8 volume was rebuilt correctly).
-    monkeypatch.setattr(scheduler, "run_unit", real_run_unit)
     clean = curate([spec], tmp_path / "clean", settings, workers=1, progress=False)
     a, b = Corpus(tmp_path / "c", status=None), Corpus(clean, status=None)
     key = lambda c: sorted(zip(c.axes, c.slices, c.ys, c.xs, c.hashes.tolist()))  # noqa: E731
     assert key(a) == key(b)
     # A third run finds everything done and inspects nothing.
-    calls.clear()
-    monkeypatch.setattr(scheduler, "run_unit", flaky)
-    curate([spec], tmp_path / "c", settings, workers=1, progress=False)
-    assert calls == []
+    third = FakeExecutor(1)
+    curate([spec], tmp_path / "c", settings, progress=False, executor=third)
+    assert third.ran == []
 
 
 def test_corpus_stats_are_mean_and_std_of_true_pixels(small_corpus):
@@ -440,11 +431,18 @@ def test_many_small_sources_few_commits_a_bounded_pool_and_a_short_summary(share
 
     monkeypatch.setattr(curation.corpus.sqlite3, "connect", traced_connect)
     in_pool = []
-    real_wait_any = Executor.wait_any
-    monkeypatch.setattr(Executor, "wait_any",
-                        lambda self, futures: in_pool.append(len(futures)) or real_wait_any(self, futures))
+
+    class Recording(Executor):
+        def wait_any(self, futures):
+            in_pool.append(len(futures))
+            return super().wait_any(futures)
+
     specs = _slices_as_sources(shared_data, 60)
-    curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False, report=False)
+    executor = Recording(2)
+    try:
+        curate(specs, tmp_path / "c", CurateSettings(filter="none"), progress=False, report=False, executor=executor)
+    finally:
+        executor.shutdown()
     assert _rows(tmp_path / "c", "SELECT COUNT(*) FROM sources WHERE status = 'done'")[0][0] == 60
     commits = sum(s.strip().upper() == "COMMIT" for s in statements)
     assert 1 <= commits <= 10, f"{commits} commits for 60 sources"
@@ -528,37 +526,9 @@ def test_large_2d_image_is_cut_in_bands_with_the_same_patches(shared_data, tmp_p
     assert _rows(whole, "SELECT key FROM tasks") == [("xy-00000",)]
 
 
-def test_no_room_to_stage_a_volume_fails_that_source_only(shared_data, tmp_path, monkeypatch):
-    """A staged copy written through a memory map into a full disk would kill the worker with
-    SIGBUS; the space is checked and reserved up front, and only that source is skipped."""
-    import collections
-
-    monkeypatch.setattr(StagingArea, "_ram_to_spare", lambda self: 0)  # stage on disk
-    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: collections.namedtuple(
-        "usage", "total used free")(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
-    volume = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)  # 250^3: 15 MB to stage
-    image = SourceSpec(path=str(shared_data / "isbi2012" / "train" / "images" / "0.png"), name="isbi0")
-    curate([volume, image], tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False,
-           report=False)
-    status = dict(_rows(tmp_path / "c", "SELECT name, status FROM sources"))
-    assert status == {"np": "failed", "isbi0": "done"}
-    (error,) = _rows(tmp_path / "c", "SELECT error FROM sources WHERE name = 'np'")[0]
-    assert error.startswith(f"not enough free space in {tmp_path / 'c' / 'work'} to stage") and "GiB free" in error
-    assert _rows(tmp_path / "c", "SELECT path FROM skipped") == [(volume.path,)]
-    assert not list((tmp_path / "c" / "work").glob("*.npy"))
-
-
-_REAL_RUN_UNIT = scheduler.run_unit
-
-
-def _run_unit_or_die(unit):
-    """run_unit, except that any xy unit of the source "greedy" kills its worker (as the OOM killer would)."""
-    import os
-    import signal
-
-    if unit.source == "greedy" and unit.kind == "xy":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _REAL_RUN_UNIT(unit)
+def _greedy_xy_unit(task):
+    """Any xy unit of the source "greedy" (it kills its worker, as the OOM killer would)."""
+    return task[1] == "greedy" and task[2].startswith("xy-")
 
 
 _REAL_FILTER_BATCH = stages.filter_batch
@@ -586,14 +556,17 @@ def test_a_worker_killed_while_filtering_does_not_end_the_run(shared_data, tmp_p
     assert not _rows(tmp_path / "c", "SELECT COUNT(*) FROM patches WHERE filter_sig IS NULL AND group_id = id")[0][0]
 
 
-def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, monkeypatch, capsys):
+def test_a_worker_killed_mid_unit_fails_only_its_source(shared_data, tmp_path, capsys):
     """The OOM killer takes a worker: the pool is restarted, the tasks it held run again one at a
     time, the one that kills its worker again fails its source only, and the run goes on."""
-    monkeypatch.setattr(scheduler, "run_unit", _run_unit_or_die)  # the pool forks after this: workers see it
     images = sorted((shared_data / "isbi2012" / "train" / "images").glob("*.png"))[:6]
     specs = [SourceSpec(path=str(shared_data / NEUROPROOF), name="greedy", stack=True)]
     specs += [SourceSpec(path=str(f), name=f"isbi{k}") for k, f in enumerate(images)]
-    curate(specs, tmp_path / "c", CurateSettings(filter="none"), workers=2, progress=False, report=False)
+    executor = KillingExecutor(2, _greedy_xy_unit)  # real worker processes, really killed
+    try:
+        curate(specs, tmp_path / "c", CurateSettings(filter="none"), progress=False, report=False, executor=executor)
+    finally:
+        executor.shutdown()
     status = dict(_rows(tmp_path / "c", "SELECT name, status FROM sources"))
     assert status.pop("greedy") == "failed" and set(status.values()) == {"done"} and len(status) == 6
     (error,) = _rows(tmp_path / "c", "SELECT error FROM sources WHERE name = 'greedy'")[0]
@@ -631,23 +604,14 @@ def test_a_corrupt_range_of_a_volume_skips_that_range_only(shared_data, tmp_path
     assert _rows(tmp_path / "c", "SELECT * FROM skipped") == []
 
 
-def test_changed_settings_recut_a_source_and_never_overlap_units(shared_data, tmp_path, monkeypatch, capsys):
+def test_changed_settings_recut_a_source_and_never_overlap_units(shared_data, tmp_path, capsys):
     spec = SourceSpec(path=str(shared_data / NEUROPROOF), name="np", stack=True)
     query = "SELECT axis, slice, y, x, hash FROM patches ORDER BY 1, 2, 3, 4"
-    calls = []
-
-    def interrupt_at_7(unit):
-        calls.append(unit.key)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return _REAL_RUN_UNIT(unit)
-
     # Interrupted with 64 patches per unit, resumed with 32: without care the new, thinner units
     # would re-cut z-ranges that old, finished units already hold.
-    monkeypatch.setattr(scheduler, "run_unit", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
-        curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=64), workers=1, progress=False)
-    monkeypatch.setattr(scheduler, "run_unit", _REAL_RUN_UNIT)
+        curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=64), progress=False,
+               executor=FakeExecutor(1, interrupt_at=7))
     curate([spec], tmp_path / "c", CurateSettings(filter="none", patches_per_unit=32), workers=1, progress=False,
            report=False)
     assert "cut again, the settings that cut it changed (patches_per_unit 64 -> 32)" in capsys.readouterr().err
@@ -962,6 +926,7 @@ def test_curate_help_shows_every_option_with_its_default_and_a_line_of_help(caps
                 assert "(default" in shown, f"{argv}: {action.option_strings[0]} shows no default"
     assert all(f"{tool} {what}" in texts[()] for tool, what in cli.TOOLS.items())  # the tools, listed
 
+
 def test_curate_options_are_the_settings_fields_and_build_the_same_settings():
     """`cemnet curate` offers one option per CurateSettings field, with the field's default."""
     from dataclasses import fields
@@ -978,7 +943,6 @@ def test_curate_options_are_the_settings_fields_and_build_the_same_settings():
     assert cli.settings_from_args(given) == CurateSettings(uint8_rule="percentile", percentiles=(1.0, 99.0),
                                                            patches_per_unit=64, keep_all_pixels=True,
                                                            dedup_scope="global")
-
 
 
 def test_train_filter_from_user_labels_then_refilter(tmp_path, shared_data):
