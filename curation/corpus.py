@@ -560,6 +560,45 @@ class CorpusIndex:
             self.db = None
         self._release_lock()
 
+    # -- named queries of the extraction scheduler and the dedup / filter stages ------------
+    def count_patches(self, source: str) -> int:
+        """How many patches of ``source`` the index holds (with pixels or not)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (source,)).fetchone()[0])
+
+    def forget_plane_units(self, source: str) -> None:
+        """Forget that the xz / yz units of ``source`` are done (they were cut around z-ranges
+        lost to bad data: a re-run cuts them whole again); their rows stay until then."""
+        with self.write():
+            self.db.execute("DELETE FROM tasks WHERE source=? AND (key LIKE 'xz-%' OR key LIKE 'yz-%')", (source,))
+
+    def dataset_patch_table(self, columns: Iterable[str], dataset: str) -> dict[str, np.ndarray]:
+        """:meth:`patch_table` of the patches of every source in ``dataset`` ("*": every patch)."""
+        if dataset == "*":
+            return self.patch_table(columns)
+        return self.patch_table(
+            columns, "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)", (dataset,))
+
+    def exemplars_to_judge(self, columns: Iterable[str], filter_sig: str) -> dict[str, np.ndarray]:
+        """:meth:`patch_table` of the exemplars with pixels not yet judged by the filter ``filter_sig``."""
+        return self.patch_table(
+            columns, "WHERE group_id = id AND offset >= 0 AND (filter_sig IS NULL OR filter_sig != ?)", (filter_sig,))
+
+    def mark_exemplars_without_pixels(self, reason: str) -> None:
+        """Exemplars with no pixels (their source could not be re-cut) are judged out for ``reason``."""
+        with self.write():
+            self.db.execute("UPDATE patches SET filter_sig = NULL, score = NULL, filter_reason = ? "
+                            "WHERE group_id = id AND offset < 0", (reason,))
+
+    def decide_status(self) -> None:
+        """Every patch's final status and reason, from its dedup group and its filter result."""
+        with self.write():
+            self.db.execute(
+                "UPDATE patches SET "
+                "status = CASE WHEN group_id != id THEN 'duplicate' WHEN filter_reason = '' THEN 'kept' "
+                "ELSE 'filtered' END, "
+                "reason = CASE WHEN group_id != id THEN 'near-duplicate of #' || group_id ELSE filter_reason END"
+            )
+
 
 _INDEX_COLUMNS = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash", "status")
 _TEXT_COLUMNS = ("source", "shard", "axis", "status")

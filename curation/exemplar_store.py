@@ -40,11 +40,7 @@ class ExemplarStore:
         return (row and row["dataset"]) or source
 
     def _seed(self, group: str) -> None:
-        where, params = "", ()
-        if group != "*":
-            where = "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)"
-            params = (group,)
-        t = self.index.patch_table(["source", "axis", "slice", "y", "x", "hash"], where, params)
+        t = self.index.dataset_patch_table(["source", "axis", "slice", "y", "x", "hash"], group)
         keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
         self.tracker.seed(group, hash_from_db(t["hash"].astype(np.int64)), keys)
 

@@ -333,16 +333,15 @@ class Scheduler:
     def on_source_finished(self, name: str) -> None:
         """Nothing of a source is left to run: record it done (or partial, with the ranges lost)."""
         state, index = self.sources[name], self.index
-        count = index.db.execute("SELECT COUNT(*) FROM patches WHERE source=?", (name,)).fetchone()[0]
         crossing = "; xz / yz patches crossing those z-ranges are left out" if state.bad_z else ""
         if state.missing:
             record_missing_chunks(index, name, sorted(state.missing))
         if state.bad_z:  # its xz / yz units were cut around lost z-ranges: a re-run cuts them whole again
-            with index.write():
-                index.db.execute("DELETE FROM tasks WHERE source=? AND (key LIKE 'xz-%' OR key LIKE 'yz-%')", (name,))
+            index.forget_plane_units(name)
         lost = state.lost_units
         index.upsert_source(
-            name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - state.started,
+            name, status="partial" if lost else "done", n_patches=index.count_patches(name),
+            seconds=time.perf_counter() - state.started,
             error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
             if lost else None)
         self.staging_area.release(name)

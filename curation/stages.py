@@ -95,12 +95,9 @@ def apply_filter(
     t0 = time.perf_counter()
     patch_filter = build_filter(settings.filter)
     signature = json.dumps(patch_filter.describe(), sort_keys=True) if patch_filter else "none"
-    with index.write():  # exemplars whose pixels could not be re-cut (reported by sync_pixels)
-        index.db.execute("UPDATE patches SET filter_sig = NULL, score = NULL, filter_reason = "
-                         "'no pixels: its source could not be re-cut' WHERE group_id = id AND offset < 0")
-    todo = index.patch_table(["id", "shard", "offset", "h", "w"],
-                             "WHERE group_id = id AND offset >= 0 AND (filter_sig IS NULL OR filter_sig != ?)",
-                             (signature,))
+    # exemplars whose pixels could not be re-cut (reported by sync_pixels)
+    index.mark_exemplars_without_pixels("no pixels: its source could not be re-cut")
+    todo = index.exemplars_to_judge(["id", "shard", "offset", "h", "w"], signature)
     ids = todo["id"].astype(np.int64)
     bar = tqdm(total=len(ids), desc="filter", unit="patch", disable=not progress)
     parallel = (executor is not None and executor.kind != "serial" and patch_filter is not None
@@ -149,12 +146,7 @@ def apply_filter(
             record(pick, filter_batch(*job(pick)))
     bar.close()
     label_missing_chunk_patches(index)  # fill value from absent chunks is not data: its own reason
-    with index.write():  # final verdict of every patch from its group and its filter result
-        index.db.execute(
-            "UPDATE patches SET "
-            "status = CASE WHEN group_id != id THEN 'duplicate' WHEN filter_reason = '' THEN 'kept' ELSE 'filtered' END, "
-            "reason = CASE WHEN group_id != id THEN 'near-duplicate of #' || group_id ELSE filter_reason END"
-        )
+    index.decide_status()  # final verdict of every patch from its group and its filter result
     index.meta["filter"] = patch_filter.describe() if patch_filter else {"name": "none"}
     index.record_stage("filter", time.perf_counter() - t0, {"evaluated": int(len(ids))})
 
