@@ -93,11 +93,10 @@ def corpus_uint8_rules(corpus_root: str | os.PathLike) -> dict[str, Any]:
     db_path = Path(corpus_root) / "index.sqlite"
     if not db_path.is_file():
         return {}
-    from curation.corpus import read_only_index
+    from curation.corpus import ReadOnlyIndex
 
-    with read_only_index(corpus_root) as db:
-        rows = db.execute("SELECT name, uint8_rule FROM sources").fetchall()
-    return {name: rule for name, rule in rows if rule}
+    with ReadOnlyIndex(corpus_root) as index:
+        return index.uint8_rules()
 
 
 class SubvolumeDataset(Dataset):
