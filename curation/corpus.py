@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -766,6 +766,48 @@ def index_columns(root: Path, status: str | None) -> dict[str, np.ndarray]:
                     cols = {c: v[keep] for c, v in cols.items()}
                 return cols
     return _query_columns(root, status)
+
+
+@runtime_checkable
+class PatchCorpus(Protocol):
+    """What training and transferability read from a corpus of 2D uint8 patches.
+
+    Implemented by :class:`Corpus` (a cemnet corpus folder), :class:`TiffFolderCorpus` (a
+    CEM500K-style folder of TIFFs) and ``cemnet.data.ArrayCorpus`` (arrays in memory);
+    ``cemnet.data.load_corpus`` accepts any object that has all of it.
+    """
+
+    patch_size: int  #: P: every patch fits in P x P
+    mean: float  #: intensity mean of the patches, in [0, 1] units (normalisation)
+    std: float  #: intensity standard deviation, in [0, 1] units
+    sources: list[str]  #: source names
+    source_index: np.ndarray  #: (n,) int: position of each patch's source in ``sources``
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies which patches the corpus serves (recorded in checkpoints)."""
+
+    def __len__(self) -> int:
+        """Number of patches."""
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Patch ``i`` as uint8 (h, w) at its true size (h, w <= P)."""
+
+    def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, P, P) patches zero-padded beyond their true sizes, and those sizes (n, 2)."""
+
+    def source_specs(self) -> dict[str, dict[str, Any]]:
+        """Reader options per source name that can reopen its volume (3D sampling); may be empty."""
+
+
+PATCH_CORPUS_MEMBERS: tuple[str, ...] = (*PatchCorpus.__annotations__, *(
+    name for name, value in vars(PatchCorpus).items()
+    if (callable(value) or isinstance(value, property)) and (name in ("__len__", "__getitem__") or name[0] != "_")))
+
+
+def missing_corpus_members(obj: object) -> list[str]:
+    """The members of :class:`PatchCorpus` that ``obj`` lacks (empty: it is a patch corpus)."""
+    return [m for m in PATCH_CORPUS_MEMBERS if not hasattr(obj, m)]
 
 
 class Corpus:
