@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.manifest import ReaderError, SourceSpec, load_manifest, natural_sorted
-from curation.readers import describe, discover, open_volume
+from curation.manifest import ReaderError, SourceSpec, natural_sorted
+from curation.readers import describe, discover, load_manifest, open_volume
 
 NP_DIR = "neuroproof_fibsem_medulla/training_sample2/grayscale_maps"
 TILE = "muvis_align_sem_tiles/tiff_uint16/S000/000_001_0.tiff"
