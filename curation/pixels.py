@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.convert import Uint8Converter
 from curation.corpus import (
     CorpusIndex,
     ReadOnlyIndex,
@@ -36,6 +37,8 @@ from curation.corpus import (
     unit_shard,
     versioned,
 )
+from curation.hashing import dhash_batch
+from curation.readers import SourceSpec, open_volume, source_fingerprint
 
 
 # ----------------------------------------------------------------------------- during extraction
@@ -74,9 +77,6 @@ def recut_rows(spec_json: dict[str, Any], converter_json: dict[str, Any], rows: 
     once for all patches, so re-cutting a whole unit reads its part of the volume once. Where a
     single plane of the box exceeds ``memory_mb``, each patch reads its own box instead.
     """
-    from curation.convert import Uint8Converter
-    from curation.readers import SourceSpec, open_volume
-
     converter = Uint8Converter(**converter_json)
     p, budget = patch_size, memory_mb * 2**20
     out = np.zeros((len(rows["axis"]), p, p), dtype=np.uint8)
@@ -138,9 +138,6 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
     """:func:`recut_rows` for a ``sources`` row of the index, checked: the source must be
     unchanged since it was cut (its fingerprint) and every re-cut patch must have the hash
     recorded when it was first cut. Raises :class:`RecutError` with one clear sentence."""
-    from curation.hashing import dhash_batch
-    from curation.readers import source_fingerprint
-
     path = source["path"]
     try:
         spec = json.loads(source["reader"])

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from curation.corpus import Corpus, CorpusIndex
+from curation.pixels import read_or_recut
 
 
 def source_counts(index: CorpusIndex) -> list[dict[str, Any]]:
@@ -62,8 +63,6 @@ def montage(patches: list[np.ndarray], labels: list[str] | None = None, columns:
 
 def _pixels(corpus: Corpus, index: CorpusIndex, ids: list[int]) -> list[np.ndarray | None]:
     """Patches ``ids`` at true size: stored pixels, or re-cut (None where that fails)."""
-    from curation.pixels import read_or_recut
-
     pos = np.searchsorted(corpus.ids, np.asarray(ids, dtype=np.int64))
     patches, sizes, failed, _ = read_or_recut(corpus, pos)
     return [None if bad else patch[:h, :w] for patch, (h, w), bad in zip(patches, sizes, failed)]
