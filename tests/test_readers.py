@@ -496,6 +496,32 @@ def test_stack_errors_name_the_bad_slice(tmp_path, shared_data):
         open_volume(folder)
 
 
+
+def test_stack_of_png_and_tiff_slices_reads_each_like_a_single_file(tmp_path, shared_data):
+    """A stack opens each slice with that file's own reader (PNG or TIFF; the TIFF slices are real
+    NeuroProof PNGs converted with tifffile), and a bad slice is named as when opened alone."""
+    import tifffile
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(2600, 2604):
+        src = shared_data / NP_DIR / f"iso.{i}.png"
+        if i % 2:
+            tifffile.imwrite(folder / f"iso.{i}.tif", np.asarray(Image.open(src)))
+        else:
+            shutil.copy(src, folder)
+    files = sorted(folder.iterdir(), key=lambda f: int(f.stem.split(".")[1]))  # iso.2600 .. iso.2603
+    with open_volume(folder) as v:
+        assert v.shape == (4, 250, 250)
+        block = v.read(slice(0, 4), slice(10, 90), slice(20, 60))
+    for k, f in enumerate(files):
+        with open_volume(f) as single:
+            assert np.array_equal(block[k], single.read(slice(None), slice(10, 90), slice(20, 60))[0])
+    (folder / "iso.2604.tif").write_bytes(b"")
+    with pytest.raises(ReaderError, match=r"iso\.2604\.tif: empty file \(0 bytes\)"):
+        open_volume(folder)
+
+
 # --------------------------------------------------------------------------- discover / manifests
 
 
