@@ -385,6 +385,10 @@ class IndexQueries:
             f"SELECT id FROM patches WHERE group_id=? AND {_SHOWABLE} ORDER BY (id != group_id), id LIMIT ?",
             (group_id, limit))]
 
+    def exemplar_count(self) -> int:
+        """How many patches head their dedup group (the exemplars, kept or filtered)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0])
+
     def exemplar_patches(self, source: str, columns: Iterable[str]) -> dict[str, np.ndarray]:
         """``columns`` of the exemplars (patches that head their dedup group) of ``source``."""
         return self._patch_columns(columns, "WHERE source = ? AND group_id = id", (source,))
