@@ -23,8 +23,9 @@ from curation.readers.base import IMAGE_EXTS, VOXEL_NM_RANGE, ArrayVolume, Volum
 from curation.readers.discovery import discover, load_manifest
 from curation.readers.dispatch import describe, is_store_dir, open_volume, reader_for
 from curation.readers.fingerprint import source_files, source_fingerprint
+from curation.readers.stack import FolderStack
 
 __all__ = [
-    "ReaderError", "SourceSpec", "Volume", "ArrayVolume", "open_volume", "discover", "describe", "load_manifest",
+    "ReaderError", "SourceSpec", "Volume", "ArrayVolume", "FolderStack", "open_volume", "discover", "describe", "load_manifest",
     "reader_for", "is_store_dir", "source_files", "source_fingerprint", "IMAGE_EXTS", "VOXEL_NM_RANGE", "is_url",
 ]
