@@ -372,9 +372,10 @@ class IndexQueries:
         stored pixels, and xy patches (re-cut from one plane region each)."""
         return self._patch_columns(["id", "reason"], f"WHERE status=? AND {_SHOWABLE}", (status,))
 
-    def largest_groups(self, limit: int) -> list[tuple[int, int]]:
-        """``(group_id, size)`` of the ``limit`` largest near-duplicate groups (size > 1), largest first."""
-        return [(int(g), int(n)) for g, n in self.db.execute(
+    def largest_groups(self, limit: int) -> list[tuple[int | None, int]]:
+        """``(group_id, size)`` of the ``limit`` largest near-duplicate groups (size > 1), largest
+        first (group None: patches not deduplicated yet)."""
+        return [(g, int(n)) for g, n in self.db.execute(
             "SELECT group_id, COUNT(*) AS n FROM patches GROUP BY group_id HAVING n > 1 ORDER BY n DESC LIMIT ?",
             (limit,))]
 
