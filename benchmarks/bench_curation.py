@@ -224,7 +224,7 @@ def bench_extract(shape, workers: int, reference: bool = True, workdirs: list[st
                                                       workers, keep_all)
                     idx = CorpusIndex(out)
                     stages = {k: v[0] for k, v in idx.stages().items()}
-                    n_ex = idx.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0]
+                    n_ex = idx.exemplar_count()
                     idx.close()
                     rows.setdefault(label, []).append((n, n_ex, total, written, _tree_bytes(out)))
                     print(f"  {label}: {n} patches, {n_ex} exemplars, {total:.1f} s (extract {stages['extract']:.1f} "

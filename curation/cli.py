@@ -268,12 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 def _any_source_cut(corpus: str, specs: list) -> bool:
     """Whether at least one of this run's sources is in the corpus (done, or partly cut); if
     none is, say so: a run whose every input failed must not look like a success."""
-    from curation.corpus import read_only_index
+    from curation.corpus import ReadOnlyIndex
 
     paths = {str(spec.path) for spec in specs}
-    with read_only_index(corpus) as db:
-        rows = db.execute("SELECT path FROM sources WHERE status IN ('done', 'partial')").fetchall()
-    cut = any(path in paths for path, in rows)
+    with ReadOnlyIndex(corpus) as index:
+        cut = bool(paths & index.cut_source_paths())
     if not cut:
         print(f"cemnet curate: none of the {len(paths)} source(s) could be cut (see the messages above and "
               f"{Path(corpus) / 'report' / 'report.html'}); nothing was added to {corpus}", file=sys.stderr)

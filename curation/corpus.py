@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -127,6 +128,30 @@ def provenance_ids(source_no: int, shape_zyx: Sequence[int], patch_size: int,
     return ids
 
 
+_VERSION = re.compile(r"^(?P<unit>.+?)(?:\.v(?P<n>\d+))?\.npy$")
+
+
+def unit_shard(shard: str) -> tuple[str, int]:
+    """``shards/s/xy-00000.v3.npy`` -> (``shards/s/xy-00000.npy``, 3): the unit's own name and version."""
+    head, _, name = shard.rpartition("/")
+    m = _VERSION.match(name)
+    if not m:
+        return shard, 0
+    return f"{head}/{m['unit']}.npy" if head else f"{m['unit']}.npy", int(m["n"] or 0)
+
+
+def versioned(shard: str, n: int) -> str:
+    """The name of version ``n`` of ``shard``'s unit (0: the unit's own name)."""
+    base, _ = unit_shard(shard)
+    return base if n == 0 else base[: -len(".npy")] + f".v{n}.npy"
+
+
+def shard_intact(root: Path, shard: str, rows: int, patch_size: int) -> bool:
+    """Whether ``root/shard`` exists with the size of ``rows`` patches (power-loss check, no read)."""
+    path = root / shard
+    return path.is_file() and path.stat().st_size == npy_nbytes((rows, patch_size, patch_size))
+
+
 def shard_checksum(patches: np.ndarray) -> str:
     """Checksum of a shard's patch data (the array's bytes in C order): ``xxh3_128:<hex>``.
     xxh3 runs at ~10 GB/s here (sha256: 0.6 GB/s, as long as hashing the patches)."""
@@ -170,8 +195,6 @@ def verify_shards(root: str | os.PathLike, sources: Iterable[str] | None = None,
     "unverified", "no_pixels"}`` (unverified: shards from before checksums, whose shape alone was
     checked; no_pixels: finished units with no pixels stored, not counted in ``shards``)."""
     from tqdm import tqdm
-
-    from curation.pixels import unit_shard
 
     root = Path(root)
     try:
@@ -303,7 +326,128 @@ def lock_corpus(root: Path) -> IO[str] | None:
     return handle
 
 
-class CorpusIndex:
+# Montages of removed patches show stored pixels, else xy patches re-cut from their sources:
+# one plane region each, cheap; an xz / yz patch would read a column through the volume.
+_SHOWABLE = "(offset >= 0 OR axis = 'xy')"
+
+
+class IndexQueries:
+    """Named read queries on ``index.sqlite`` (tables as in ``docs/corpus_format.md``), shared by
+    the writer (:class:`CorpusIndex`) and read-only handles (:class:`ReadOnlyIndex`), so no module
+    outside this one writes SQL against the corpus schema."""
+
+    db: sqlite3.Connection
+
+    def source(self, name: str) -> dict[str, Any] | None:
+        """The ``sources`` row of ``name`` as a dict, or None."""
+        cur = self.db.execute("SELECT * FROM sources WHERE name=?", (name,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row))
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Every ``sources`` row as a dict, in the order sources were added."""
+        cur = self.db.execute("SELECT * FROM sources ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def sources_by_name(self) -> dict[str, dict[str, Any]]:
+        """``{name: sources row}`` (what re-cutting a source needs: path, reader, uint8 rule)."""
+        return {row["name"]: row for row in self.sources()}
+
+    def cut_source_paths(self) -> set[str]:
+        """Paths of the sources with patches in the corpus (status ``done`` or ``partial``)."""
+        return {r[0] for r in self.db.execute("SELECT path FROM sources WHERE status IN ('done', 'partial')")}
+
+    def uint8_rules(self) -> dict[str, str]:
+        """``{source name: uint8 rule JSON}`` of the sources that have one."""
+        return {name: rule for name, rule in self.db.execute("SELECT name, uint8_rule FROM sources") if rule}
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """``{(source, status): number of patches}`` over every patch ever extracted."""
+        return {(s, st): int(n) for s, st, n in
+                self.db.execute("SELECT source, status, COUNT(*) FROM patches GROUP BY source, status")}
+
+    def showable_patches(self, status: str) -> dict[str, np.ndarray]:
+        """``id``, ``reason`` of the patches of ``status`` a montage can show cheaply: those with
+        stored pixels, and xy patches (re-cut from one plane region each)."""
+        return self._patch_columns(["id", "reason"], f"WHERE status=? AND {_SHOWABLE}", (status,))
+
+    def largest_groups(self, limit: int) -> list[tuple[int | None, int]]:
+        """``(group_id, size)`` of the ``limit`` largest near-duplicate groups (size > 1), largest
+        first (group None: patches not deduplicated yet)."""
+        return [(g, int(n)) for g, n in self.db.execute(
+            "SELECT group_id, COUNT(*) AS n FROM patches GROUP BY group_id HAVING n > 1 ORDER BY n DESC LIMIT ?",
+            (limit,))]
+
+    def showable_group_members(self, group_id: int, limit: int) -> list[int]:
+        """Ids of up to ``limit`` members of a group a montage can show (see
+        :meth:`showable_patches`), its exemplar first, then by id."""
+        return [r[0] for r in self.db.execute(
+            f"SELECT id FROM patches WHERE group_id=? AND {_SHOWABLE} ORDER BY (id != group_id), id LIMIT ?",
+            (group_id, limit))]
+
+    def exemplar_count(self) -> int:
+        """How many patches head their dedup group (the exemplars, kept or filtered)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM patches WHERE group_id = id").fetchone()[0])
+
+    def exemplar_patches(self, source: str, columns: Iterable[str]) -> dict[str, np.ndarray]:
+        """``columns`` of the exemplars (patches that head their dedup group) of ``source``."""
+        return self._patch_columns(columns, "WHERE source = ? AND group_id = id", (source,))
+
+    def stored_rows_per_unit(self, source: str) -> dict[str, tuple[str, int]]:
+        """Unit shard name (``shards/<source>/<key>.npy``) -> (the shard file its rows name now,
+        how many of them have pixels stored: the patches that file must hold)."""
+        return {unit_shard(shard)[0]: (shard, int(n or 0)) for shard, n in self.db.execute(
+            "SELECT shard, SUM(offset >= 0) FROM patches WHERE source=? GROUP BY shard", (source,))}
+
+    def shards_in_use(self) -> set[str]:
+        """Shard files some patch row names."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT shard FROM patches")}
+
+    def task_units(self) -> set[str]:
+        """The unit shard names (``shards/<source>/<key>.npy``) of every recorded work unit."""
+        return {f"shards/{s}/{k}.npy" for s, k in self.db.execute("SELECT source, key FROM tasks")}
+
+    def patches_for_recut(self, columns: Sequence[str], status: str,
+                          datasets: Sequence[str] | None = None) -> list[tuple]:
+        """Rows (``columns`` of ``patches``) of the patches of ``status`` (or ``"all"``), of the
+        ``datasets`` given (a source's dataset, or its name), ordered by source, shard and id:
+        unit by unit, so each unit's shard and source region is read once."""
+        where, params = ("WHERE p.status = ?", [status]) if status != "all" else ("WHERE 1", [])
+        if datasets:
+            where += f" AND COALESCE(s.dataset, s.name) IN ({', '.join('?' * len(datasets))})"
+            params += list(datasets)
+        return self.db.execute(f"SELECT {', '.join('p.' + c for c in columns)} FROM patches p JOIN sources s "
+                               f"ON s.name = p.source {where} ORDER BY p.source, p.shard, p.id", params).fetchall()
+
+    def _patch_columns(self, columns: Iterable[str], where: str = "", params: tuple = ()) -> dict[str, np.ndarray]:
+        cols = list(columns)
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM patches {where} ORDER BY id", params).fetchall()
+        if not rows:
+            return {c: np.array([]) for c in cols}
+        return {c: np.array(v) for c, v in zip(cols, zip(*rows))}
+
+
+class ReadOnlyIndex(IndexQueries):
+    """The named queries of :class:`IndexQueries` on a read-only connection to
+    ``root/index.sqlite``: takes no lock, so it works while ``cemnet curate`` writes.
+    Use as a context manager (the connection closes on leaving it)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "ReadOnlyIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CorpusIndex(IndexQueries):
     """Writer-side handle on ``CORPUS/index.sqlite`` and ``corpus.json``."""
 
     commit_every: float = 2.0  # seconds between commits of batched changes (see write)
@@ -397,22 +541,10 @@ class CorpusIndex:
                     (name, *fields.values()),
                 )
 
-    def source(self, name: str) -> dict[str, Any] | None:
-        cur = self.db.execute("SELECT * FROM sources WHERE name=?", (name,))
-        row = cur.fetchone()
-        return None if row is None else dict(zip([d[0] for d in cur.description], row))
-
-    def sources(self) -> list[dict[str, Any]]:
-        cur = self.db.execute("SELECT * FROM sources ORDER BY id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
-
     def done_tasks(self, source: str) -> set[str]:
         """Keys of the finished units of ``source`` whose shard is intact on disk: it holds as
         many patches as the unit has rows with pixels (a unit without any needs no shard)."""
-        from curation.pixels import expected_shard_rows, shard_intact
-
-        expected = expected_shard_rows(self, source)
+        expected = self.stored_rows_per_unit(source)
         rows = self.db.execute("SELECT key FROM tasks WHERE source=? AND status='done'", (source,)).fetchall()
         done = set()
         for (key,) in rows:
@@ -453,8 +585,6 @@ class CorpusIndex:
         """Forget one finished unit (its shard failed verification): its patches (with pixels
         or not), its row and its shard files (every version) go, so nothing serves the damaged
         data and the next run cuts it again. Returns how many patches it had."""
-        from curation.pixels import unit_shard
-
         shard = f"shards/{source}/{key}.npy"
         # Files first: a crash in between leaves a unit that done_tasks redoes.
         for path in [self.root / shard, *(self.root / "shards" / source).glob(f"{key}.v*.npy")]:
@@ -506,11 +636,9 @@ class CorpusIndex:
 
     # -- patch-level decisions ---------------------------------------------------------------
     def patch_table(self, columns: Iterable[str], where: str = "", params: tuple = ()) -> dict[str, np.ndarray]:
-        cols = list(columns)
-        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM patches {where} ORDER BY id", params).fetchall()
-        if not rows:
-            return {c: np.array([]) for c in cols}
-        return {c: np.array(v) for c, v in zip(cols, zip(*rows))}
+        """``columns`` of the patch rows (all, or those a ``WHERE`` clause selects) in id order.
+        Outside this module prefer a named query (:class:`IndexQueries`) to a raw ``where``."""
+        return self._patch_columns(columns, where, params)
 
     def set_decisions(self, ids: np.ndarray, column_values: dict[str, np.ndarray]) -> None:
         """Set columns of the patches ``ids`` (one value per patch per column) in one change."""
@@ -521,6 +649,31 @@ class CorpusIndex:
         with self.write():
             self.db.executemany(f"UPDATE patches SET {sets} WHERE id=?",
                                 zip(*values, np.asarray(ids, dtype=np.int64).tolist()))
+
+    # -- which patches hold pixels (curation.pixels) -------------------------------------------
+    def pixel_changes(self, columns: Sequence[str], want: str, params: tuple = ()) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Rows of the shards whose set of patches with pixels must change so that exactly the
+        patches of the SQL condition ``want`` (with ``params``) have pixels: ``columns`` of their
+        rows that have or get pixels (the others keep offset -1 and follow their unit's shard
+        name), and a bool per row: it should have pixels. SQLite finds those shards in one scan."""
+        wanted = f"CASE WHEN {want} THEN 1 ELSE 0 END"
+        table = self._patch_columns(
+            (*columns, wanted),
+            f"WHERE (offset >= 0 OR ({want})) AND shard IN (SELECT DISTINCT shard FROM patches "
+            f"WHERE ({wanted}) != (offset >= 0))", tuple(params) * 3)
+        return table, table.pop(wanted).astype(bool)
+
+    def repoint_unit(self, source: str, key: str, old_shards: Iterable[str], target: str,
+                     ids: np.ndarray, offsets: np.ndarray, checksum: str) -> None:
+        """Point every row of a unit at its rewritten shard ``target`` in one change: rows in
+        ``old_shards`` take the new name, rows ``ids`` their new ``offsets`` (-1: no pixels), and
+        the unit's checksum becomes the new file's (the one :func:`verify_shards` checks)."""
+        with self.write():
+            for old_name in old_shards:  # one statement per unit, not one per row
+                self.db.execute("UPDATE patches SET shard=? WHERE source=? AND shard=?", (target, source, old_name))
+            self.db.executemany("UPDATE patches SET offset=? WHERE id=?",
+                                zip(np.asarray(offsets, dtype=np.int64).tolist(), np.asarray(ids, dtype=np.int64).tolist()))
+            self.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?", (checksum, source, key))
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -657,6 +810,48 @@ def index_columns(root: Path, status: str | None) -> dict[str, np.ndarray]:
                     cols = {c: v[keep] for c, v in cols.items()}
                 return cols
     return _query_columns(root, status)
+
+
+@runtime_checkable
+class PatchCorpus(Protocol):
+    """What training and transferability read from a corpus of 2D uint8 patches.
+
+    Implemented by :class:`Corpus` (a cemnet corpus folder), :class:`TiffFolderCorpus` (a
+    CEM500K-style folder of TIFFs) and ``cemnet.data.ArrayCorpus`` (arrays in memory);
+    ``cemnet.data.load_corpus`` accepts any object that has all of it.
+    """
+
+    patch_size: int  #: P: every patch fits in P x P
+    mean: float  #: intensity mean of the patches, in [0, 1] units (normalisation)
+    std: float  #: intensity standard deviation, in [0, 1] units
+    sources: list[str]  #: source names
+    source_index: np.ndarray  #: (n,) int: position of each patch's source in ``sources``
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies which patches the corpus serves (recorded in checkpoints)."""
+
+    def __len__(self) -> int:
+        """Number of patches."""
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Patch ``i`` as uint8 (h, w) at its true size (h, w <= P)."""
+
+    def get_padded(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (n, P, P) patches zero-padded beyond their true sizes, and those sizes (n, 2)."""
+
+    def source_specs(self) -> dict[str, dict[str, Any]]:
+        """Reader options per source name that can reopen its volume (3D sampling); may be empty."""
+
+
+PATCH_CORPUS_MEMBERS: tuple[str, ...] = (*PatchCorpus.__annotations__, *(
+    name for name, value in vars(PatchCorpus).items()
+    if (callable(value) or isinstance(value, property)) and (name in ("__len__", "__getitem__") or name[0] != "_")))
+
+
+def missing_corpus_members(obj: object) -> list[str]:
+    """The members of :class:`PatchCorpus` that ``obj`` lacks (empty: it is a patch corpus)."""
+    return [m for m in PATCH_CORPUS_MEMBERS if not hasattr(obj, m)]
 
 
 class Corpus:

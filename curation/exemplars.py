@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from curation.dedup import greedy_groups
+
 _AXIS_CODE = {"xy": 1, "xz": 2, "yz": 3}
 
 
@@ -107,8 +109,6 @@ class OnlineExemplars:
 
     def seed(self, group: str, hashes: np.ndarray, keys: np.ndarray) -> None:
         """Start ``group`` from patches cut in earlier runs: their exact greedy exemplars."""
-        from curation.dedup import greedy_groups
-
         g = self.groups.setdefault(group, _Group())
         if not self.enabled or len(hashes) == 0:
             return

@@ -2,8 +2,10 @@
 
 A :class:`SourceSpec` says where one source is and how to read it (voxel size override, axis order,
 HDF5/zarr key, OME-Zarr scale level, channel, folder-as-stack). A manifest is a YAML or CSV list of
-them. This module has no format dependencies, so the CLI and the corpus index can use it cheaply;
-the readers live in :mod:`curation.readers`.
+them (:func:`read_manifest`). This module has no format dependencies, so the CLI, the corpus index
+and the readers import it at their top; the readers (:mod:`curation.readers`) import it, never
+the reverse: expanding a manifest's folder entries into sources is
+:func:`curation.readers.load_manifest`.
 """
 
 from __future__ import annotations
@@ -297,39 +299,14 @@ def _csv_entries(text: str) -> tuple[list, list[int]]:
     return entries, lines
 
 
-def _expand_folder_entry(spec: SourceSpec, skipped: list | None) -> list[SourceSpec]:
-    """A manifest entry naming a plain folder: every readable source below it, sharing the
-    entry's options, named ``<entry name>_<file name>``, all in one dedup dataset."""
-    from curation.readers import discover  # the readers import this module
-
-    found, not_used = discover([spec.path])
-    if skipped is not None:
-        skipped.extend(not_used)
-    prefix = spec.name or default_name(spec.path)
-    return [
-        dataclasses.replace(
-            spec, path=f.path, stack=f.stack, name=safe_name(f"{prefix}_{f.name}"),
-            dataset=spec.dataset or prefix,
-        )
-        for f in found
-    ]
-
-
-def _is_store(path: str) -> bool:
-    from curation.readers import is_store_dir  # the readers import this module
-
-    return path.lower().endswith(".zarr") or is_store_dir(path)
-
-
-def load_manifest(path: str | os.PathLike, skipped: list | None = None) -> list[SourceSpec]:
-    """Read a YAML (list of mappings, or ``{sources: [...]}``) or CSV manifest.
+def read_manifest(path: str | os.PathLike) -> list[SourceSpec]:
+    """The entries of a YAML (list of mappings, or ``{sources: [...]}``) or CSV manifest, as written.
 
     CSV header: ``name,path,voxel_size,axes,key,scale_level,channel,stack`` (``path`` required,
     other columns optional, ``voxel_size`` as ``"z,y,x"``). A YAML entry may also be a bare path.
-    Relative paths are resolved against the manifest's folder. Missing names are derived (unique).
-    Raises ReaderError naming the file and the entry/line of a bad entry. An entry naming a plain
-    folder (not ``stack``, not zarr) expands into the sources below it, one dataset; files there
-    that cannot be used are appended to ``skipped`` as ``(path, problem)``.
+    Relative paths are resolved against the manifest's folder; URLs are taken as written. Raises
+    ReaderError naming the file and the entry/line of a bad entry. Folders are not expanded and
+    names not derived: :func:`curation.readers.load_manifest` does both.
     """
     path = Path(path)
     try:
@@ -346,22 +323,12 @@ def load_manifest(path: str | os.PathLike, skipped: list | None = None) -> list[
             spec = SourceSpec(entry) if isinstance(entry, str) else SourceSpec.from_json(entry)
         except (ValueError, TypeError) as e:
             raise ReaderError(path, f"entry {number} (line {line}): {e}") from e
-        if is_url(spec.path):  # a URL is taken as written
-            specs.append(spec)
-            continue
-        full = os.path.expanduser(spec.path)
-        full = os.path.normpath(full if os.path.isabs(full) else os.path.join(path.resolve().parent, full))
-        spec = dataclasses.replace(spec, path=full)
-        if os.path.isdir(full) and not spec.stack and not _is_store(full):
-            specs.extend(_expand_folder_entry(spec, skipped))
-        else:
-            specs.append(spec)
-    if not specs:
-        raise ReaderError(path, "manifest lists no sources")
-    try:
-        return assign_names(specs)
-    except ValueError as e:
-        raise ReaderError(path, str(e)) from e
+        if not is_url(spec.path):  # a URL is taken as written
+            full = os.path.expanduser(spec.path)
+            full = os.path.normpath(full if os.path.isabs(full) else os.path.join(path.resolve().parent, full))
+            spec = dataclasses.replace(spec, path=full)
+        specs.append(spec)
+    return specs
 
 
 def natural_key(text: str) -> tuple:

@@ -67,8 +67,7 @@ def label_missing_chunk_patches(index: Any, threshold: float = MISSING_FRACTION)
         boxes = json.loads(row.get("missing_chunks") or "[]")
         if not boxes:
             continue
-        table = index.patch_table(["id", "axis", "slice", "y", "x", "h", "w"],
-                                  "WHERE source = ? AND group_id = id", (row["name"],))
+        table = index.exemplar_patches(row["name"], ["id", "axis", "slice", "y", "x", "h", "w"])
         if len(table["id"]) == 0:
             continue
         hit = missing_fraction(table, boxes) >= threshold

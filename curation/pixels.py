@@ -21,30 +21,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from curation.corpus import CorpusIndex, atomic_save_npy, hash_from_db, npy_nbytes, shard_checksum
-
-_VERSION = re.compile(r"^(?P<unit>.+?)(?:\.v(?P<n>\d+))?\.npy$")
-
-
-def unit_shard(shard: str) -> tuple[str, int]:
-    """``shards/s/xy-00000.v3.npy`` -> (``shards/s/xy-00000.npy``, 3): the unit's own name and version."""
-    head, _, name = shard.rpartition("/")
-    m = _VERSION.match(name)
-    if not m:
-        return shard, 0
-    return f"{head}/{m['unit']}.npy" if head else f"{m['unit']}.npy", int(m["n"] or 0)
-
-
-def versioned(shard: str, n: int) -> str:
-    base, _ = unit_shard(shard)
-    return base if n == 0 else base[: -len(".npy")] + f".v{n}.npy"
+from curation.convert import Uint8Converter
+from curation.corpus import (
+    CorpusIndex,
+    ReadOnlyIndex,
+    atomic_save_npy,
+    hash_from_db,
+    shard_checksum,
+    unit_shard,
+    versioned,
+)
+from curation.hashing import dhash_batch
+from curation.readers import SourceSpec, open_volume, source_fingerprint
 
 
 # ----------------------------------------------------------------------------- during extraction
@@ -83,9 +77,6 @@ def recut_rows(spec_json: dict[str, Any], converter_json: dict[str, Any], rows: 
     once for all patches, so re-cutting a whole unit reads its part of the volume once. Where a
     single plane of the box exceeds ``memory_mb``, each patch reads its own box instead.
     """
-    from curation.convert import Uint8Converter
-    from curation.readers import SourceSpec, open_volume
-
     converter = Uint8Converter(**converter_json)
     p, budget = patch_size, memory_mb * 2**20
     out = np.zeros((len(rows["axis"]), p, p), dtype=np.uint8)
@@ -147,9 +138,6 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
     """:func:`recut_rows` for a ``sources`` row of the index, checked: the source must be
     unchanged since it was cut (its fingerprint) and every re-cut patch must have the hash
     recorded when it was first cut. Raises :class:`RecutError` with one clear sentence."""
-    from curation.hashing import dhash_batch
-    from curation.readers import source_fingerprint
-
     path = source["path"]
     try:
         spec = json.loads(source["reader"])
@@ -192,13 +180,9 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
     stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
     # Rows of the shards to rewrite that have or get pixels: the others (most of them) keep
     # offset -1 and follow their unit's shard name in one UPDATE per unit.
-    table = index.patch_table(
-        (*columns, f"CASE WHEN {want} THEN 1 ELSE 0 END"),
-        f"WHERE (offset >= 0 OR ({want})) AND shard IN (SELECT DISTINCT shard FROM patches "
-        f"WHERE (CASE WHEN {want} THEN 1 ELSE 0 END) != (offset >= 0))", params * 3)
+    table, wanted = index.pixel_changes(columns, want, params)
     if len(table["id"]) == 0:
         return stats
-    wanted = table.pop(f"CASE WHEN {want} THEN 1 ELSE 0 END").astype(bool)
     have = table["offset"].astype(np.int64) >= 0
     change = wanted != have
     units = np.array([unit_shard(s)[0] for s in table["shard"].tolist()], dtype=object)
@@ -206,7 +190,7 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
     rows_of: dict[str, list[int]] = {u: [] for u in touched}
     for i, u in zip(np.flatnonzero(np.isin(units, touched)).tolist(), units[np.isin(units, touched)].tolist()):
         rows_of[u].append(i)
-    sources = {r["name"]: r for r in index.sources()}
+    sources = index.sources_by_name()
     p = index.patch_size
     bar = tqdm(total=len(touched), desc="pixels", unit="shard", disable=not progress)
     failed_sources: dict[str, str] = {}
@@ -263,14 +247,8 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
             offsets[wanted[rows]] = np.arange(len(keep))
             moved = offsets != table["offset"][rows].astype(np.int64)  # most rows keep theirs (-1)
             key = unit[len(f"shards/{name}/") : -len(".npy")]
-            with index.write():  # all of the unit's rows point at the new version, in one change
-                for old_name in old_shards:  # one statement per unit, not one per row
-                    index.db.execute("UPDATE patches SET shard=? WHERE source=? AND shard=?", (target, name, old_name))
-                index.db.executemany("UPDATE patches SET offset=? WHERE id=?",
-                                     zip(offsets[moved].tolist(), table["id"][rows][moved].astype(np.int64).tolist()))
-                # the checksum verify_shards checks is the one of the file the rows now point at
-                index.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?",
-                                 (shard_checksum(new), name, key))
+            index.repoint_unit(name, key, old_shards, target, table["id"][rows][moved],
+                               offsets[moved], shard_checksum(new))
             superseded += [s for s in old_shards if s != target]
             stats["shards"] += 1
     bar.close()
@@ -286,10 +264,10 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
 def sweep_unreferenced_shards(index: CorpusIndex) -> int:
     """Remove shard files of this corpus that no patch row points at (left by a crash between a
     rewrite's commit and the removal of the old version). Returns how many were removed."""
-    used = {r[0] for r in index.db.execute("SELECT DISTINCT shard FROM patches")}
+    used = index.shards_in_use()
     units_used = {unit_shard(s)[0] for s in used}
     # A unit that cut no patch at all keeps its empty shard under its own name.
-    empty = {f"shards/{s}/{k}.npy" for s, k in index.db.execute("SELECT source, key FROM tasks")} - units_used
+    empty = index.task_units() - units_used
     removed = 0
     for path in (index.root / "shards").glob("*/*.npy"):
         rel = path.relative_to(index.root).as_posix()
@@ -297,21 +275,6 @@ def sweep_unreferenced_shards(index: CorpusIndex) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def expected_shard_rows(index: CorpusIndex, source: str) -> dict[str, int]:
-    """Unit shard name (``shards/<source>/<key>.npy``) -> (current shard path, rows it must hold)."""
-    out: dict[str, Any] = {}
-    for shard, n in index.db.execute(
-        "SELECT shard, SUM(offset >= 0) FROM patches WHERE source=? GROUP BY shard", (source,)
-    ):
-        out[unit_shard(shard)[0]] = (shard, int(n or 0))
-    return out
-
-
-def shard_intact(root: Path, shard: str, rows: int, patch_size: int) -> bool:
-    path = root / shard
-    return path.is_file() and path.stat().st_size == npy_nbytes((rows, patch_size, patch_size))
 
 
 def staged_unit_path(stage_dirs: list[str], source: str, key: str) -> list[Path]:
@@ -360,8 +323,6 @@ def recut_to_folder(root: str | os.PathLike, status: str, out: str | os.PathLike
     import tifffile
     from tqdm import tqdm
 
-    from curation.corpus import read_only_index
-
     root = Path(root)
     if not (root / "corpus.json").is_file():
         raise FileNotFoundError(f"{root}: no corpus.json (not a cemnet corpus)")
@@ -369,16 +330,9 @@ def recut_to_folder(root: str | os.PathLike, status: str, out: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     patch_size = int(json.loads((root / "corpus.json").read_text())["settings"]["patch_size"])
     columns = (*_TABLE, "status", "reason", "group_id")
-    where, params = ("WHERE p.status = ?", [status]) if status != "all" else ("WHERE 1", [])
-    if datasets:
-        where += f" AND COALESCE(s.dataset, s.name) IN ({', '.join('?' * len(datasets))})"
-        params += list(datasets)
-    with read_only_index(root) as db:
-        cur = db.execute(f"SELECT {', '.join('p.' + c for c in columns)} FROM patches p JOIN sources s "
-                         f"ON s.name = p.source {where} ORDER BY p.source, p.shard, p.id", params)
-        rows = cur.fetchall()
-        names = [d[0] for d in db.execute("SELECT * FROM sources LIMIT 0").description]
-        sources = {r[names.index("name")]: dict(zip(names, r)) for r in db.execute("SELECT * FROM sources")}
+    with ReadOnlyIndex(root) as index:
+        rows = index.patches_for_recut(columns, status, datasets)
+        sources = index.sources_by_name()
     table = {c: np.array([r[k] for r in rows], dtype=object) for k, c in enumerate(columns)}
     stems = [f"{r[1]}-LOC-{r[4]}_{int(r[5]):04d}_{int(r[6])}_{int(r[7])}" for r in rows]
     with open(out / "patches.csv", "w", newline="") as fh:
@@ -437,8 +391,6 @@ def read_or_recut(corpus: Any, positions: np.ndarray,
     (a :class:`curation.corpus.Corpus`): stored pixels where it has them, else re-cut from the
     sources. Also returns a bool mask of the patches that could not be re-cut (left 0) and one
     problem per source that failed."""
-    from curation.corpus import read_only_index
-
     positions = np.asarray(positions, dtype=np.int64)
     p = corpus.patch_size
     patches = np.zeros((len(positions), p, p), dtype=np.uint8)
@@ -449,10 +401,8 @@ def read_or_recut(corpus: Any, positions: np.ndarray,
     missing = np.flatnonzero(~stored)
     if len(missing):
         names = np.array([corpus.sources[corpus.source_index[i]] for i in positions[missing]], dtype=object)
-        with read_only_index(corpus.root) as db:
-            cur = db.execute("SELECT * FROM sources")
-            cols = [d[0] for d in cur.description]
-            sources = {r[cols.index("name")]: dict(zip(cols, r)) for r in cur.fetchall()}
+        with ReadOnlyIndex(corpus.root) as index:
+            sources = index.sources_by_name()
         for name in sorted(set(names.tolist())):
             pick = missing[names == name]
             at = positions[pick]

@@ -22,6 +22,7 @@ import numpy as np
 
 from curation.manifest import ReaderError, SourceSpec, safe_name
 from curation.patching import patch_count, plan_planes
+from curation.readers import open_volume
 
 __all__ = ["chunk_blocks", "block_patches", "expand_sampled"]
 
@@ -62,8 +63,6 @@ def expand_sampled(specs: Sequence[SourceSpec], settings: Any, log: Any = None) 
 
     ``settings``: :class:`curation.settings.CurateSettings` (patch size, planes, seed). A spec that
     cannot be opened is kept as it is: the run reports its problem like any other source's."""
-    from curation.readers import open_volume
-
     out: list[SourceSpec] = []
     for spec in specs:
         if spec.max_patches is None and spec.sample_fraction is None:

@@ -12,14 +12,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from curation.corpus import Corpus, CorpusIndex
+from curation.pixels import read_or_recut
 
 
 def source_counts(index: CorpusIndex) -> list[dict[str, Any]]:
     """One row per source: raw -> after dedup -> after filter, plus its provenance."""
-    counts = {
-        (s, st): n
-        for s, st, n in index.db.execute("SELECT source, status, COUNT(*) FROM patches GROUP BY source, status")
-    }
+    counts = index.status_counts()
     raw_of: dict[str, int] = {}
     for (s, _), n in counts.items():
         raw_of[s] = raw_of.get(s, 0) + n
@@ -59,21 +57,19 @@ def montage(patches: list[np.ndarray], labels: list[str] | None = None, columns:
 
 # Montages of removed patches show stored pixels, else xy patches re-cut from their sources
 # (an exemplars-only corpus stores none of theirs): one plane region each, cheap; an xz / yz patch
-# would read a column through the volume (hundreds of slices), so those are left out.
-_SHOWABLE = "(offset >= 0 OR axis = 'xy')"
+# would read a column through the volume (hundreds of slices), so those are left out
+# (CorpusIndex.showable_patches / showable_group_members).
 
 
 def _pixels(corpus: Corpus, index: CorpusIndex, ids: list[int]) -> list[np.ndarray | None]:
     """Patches ``ids`` at true size: stored pixels, or re-cut (None where that fails)."""
-    from curation.pixels import read_or_recut
-
     pos = np.searchsorted(corpus.ids, np.asarray(ids, dtype=np.int64))
     patches, sizes, failed, _ = read_or_recut(corpus, pos)
     return [None if bad else patch[:h, :w] for patch, (h, w), bad in zip(patches, sizes, failed)]
 
 
 def _sample_status(corpus: Corpus, index: CorpusIndex, status: str, n: int, seed: int) -> tuple[list, list]:
-    table = index.patch_table(["id", "reason"], f"WHERE status=? AND {_SHOWABLE}", (status,))
+    table = index.showable_patches(status)
     if len(table["id"]) == 0:
         return [], []
     pick = np.sort(np.random.default_rng(seed).permutation(len(table["id"]))[:n])
@@ -83,17 +79,12 @@ def _sample_status(corpus: Corpus, index: CorpusIndex, status: str, n: int, seed
 
 
 def _duplicate_groups(corpus: Corpus, index: CorpusIndex, n_groups: int, per_group: int, seed: int) -> tuple[list, list]:
-    rows = index.db.execute(
-        "SELECT group_id, COUNT(*) AS n FROM patches GROUP BY group_id HAVING n > 1 ORDER BY n DESC LIMIT ?",
-        (n_groups * 4,),
-    ).fetchall()
+    rows = index.largest_groups(n_groups * 4)
     rng = np.random.default_rng(seed)
     chosen = [rows[i] for i in np.sort(rng.permutation(len(rows))[:n_groups])] if rows else []
     patches, labels = [], []
     for group_id, size in chosen:
-        members = [r[0] for r in index.db.execute(
-            f"SELECT id FROM patches WHERE group_id=? AND {_SHOWABLE} ORDER BY (id != group_id), id LIMIT ?",
-            (group_id, per_group))]
+        members = index.showable_group_members(group_id, per_group)
         shown = [(pid, p) for pid, p in zip(members, _pixels(corpus, index, members)) if p is not None]
         for pid, patch in shown:
             patches.append(patch)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.manifest import ReaderError, SourceSpec, load_manifest, natural_sorted
-from curation.readers import describe, discover, open_volume
+from curation.manifest import ReaderError, SourceSpec, natural_sorted
+from curation.readers import describe, discover, load_manifest, open_volume
 
 NP_DIR = "neuroproof_fibsem_medulla/training_sample2/grayscale_maps"
 TILE = "muvis_align_sem_tiles/tiff_uint16/S000/000_001_0.tiff"
@@ -493,6 +493,32 @@ def test_stack_errors_name_the_bad_slice(tmp_path, shared_data):
             v.read(slice(4, 6))
     shutil.copy(shared_data / "isbi2012/train/images/0.png", folder / "iso.2606.png")
     with pytest.raises(ReaderError, match=r"slices: slice 'iso.2606.png' is \(512, 512\) uint8 but 'iso.2600.png' is \(250, 250\)"):
+        open_volume(folder)
+
+
+
+def test_stack_of_png_and_tiff_slices_reads_each_like_a_single_file(tmp_path, shared_data):
+    """A stack opens each slice with that file's own reader (PNG or TIFF; the TIFF slices are real
+    NeuroProof PNGs converted with tifffile), and a bad slice is named as when opened alone."""
+    import tifffile
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(2600, 2604):
+        src = shared_data / NP_DIR / f"iso.{i}.png"
+        if i % 2:
+            tifffile.imwrite(folder / f"iso.{i}.tif", np.asarray(Image.open(src)))
+        else:
+            shutil.copy(src, folder)
+    files = sorted(folder.iterdir(), key=lambda f: int(f.stem.split(".")[1]))  # iso.2600 .. iso.2603
+    with open_volume(folder) as v:
+        assert v.shape == (4, 250, 250)
+        block = v.read(slice(0, 4), slice(10, 90), slice(20, 60))
+    for k, f in enumerate(files):
+        with open_volume(f) as single:
+            assert np.array_equal(block[k], single.read(slice(None), slice(10, 90), slice(20, 60))[0])
+    (folder / "iso.2604.tif").write_bytes(b"")
+    with pytest.raises(ReaderError, match=r"iso\.2604\.tif: empty file \(0 bytes\)"):
         open_volume(folder)
 
 

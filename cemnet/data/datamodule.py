@@ -42,6 +42,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from cemnet.data.augment import AugmentConfig, EMAugment
+from curation.corpus import PatchCorpus, missing_corpus_members, open_corpus
 from cemnet.data.sampling import EpochSampler
 
 __all__ = ["ArrayCorpus", "CorpusTooSmallError", "PatchViewsDataset", "StatefulLoader", "EMPatchDataModule", "load_corpus"]
@@ -52,7 +53,7 @@ class CorpusTooSmallError(ValueError):
 
 
 class ArrayCorpus:
-    """A small in-memory corpus with the ``curation.corpus`` reading API.
+    """A small in-memory corpus: a :class:`~curation.corpus.PatchCorpus`, like a curated one.
 
     For tests, notebooks and arrays that never went through ``cemnet curate``. Patches are stored
     zero-padded to ``P x P`` with their true sizes, exactly like a curated corpus.
@@ -130,15 +131,15 @@ class ArrayCorpus:
         return {}
 
 
-def load_corpus(corpus: Any) -> Any:
-    """A corpus object from a path (``curation.corpus.open_corpus``) or an object passed through."""
+def load_corpus(corpus: str | os.PathLike | PatchCorpus) -> PatchCorpus:
+    """A corpus from a path (``curation.corpus.open_corpus``: a cemnet corpus or a CEM500K-style
+    TIFF folder), or a :class:`~curation.corpus.PatchCorpus` object passed through."""
     if isinstance(corpus, (str, os.PathLike)):
-        from curation.corpus import open_corpus  # lazy: the curation stack is heavier than training needs
-
         return open_corpus(corpus)
-    for attr in ("get_padded", "mean", "std", "source_index", "__len__"):
-        if not hasattr(corpus, attr):
-            raise TypeError(f"corpus object {type(corpus).__name__} lacks {attr!r} (see curation.corpus)")
+    missing = missing_corpus_members(corpus)
+    if missing:
+        raise TypeError(f"corpus object {type(corpus).__name__} is not a PatchCorpus: it lacks "
+                        f"{', '.join(map(repr, missing))} (see curation.corpus.PatchCorpus)")
     return corpus
 
 
@@ -154,7 +155,7 @@ class PatchViewsDataset(Dataset):
     and one batched augmentation; ``__getitem__`` exists for ad-hoc single access.
     """
 
-    def __init__(self, corpus: Any, augment: EMAugment | None, num_views: int = 2) -> None:
+    def __init__(self, corpus: PatchCorpus, augment: EMAugment | None, num_views: int = 2) -> None:
         self.corpus = corpus
         self.augment = augment  # None: return raw patches, the GPU augments them
         self.num_views = num_views
@@ -254,7 +255,7 @@ class EMPatchDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
-        self.corpus: Any = None
+        self.corpus: PatchCorpus | None = None
         self.augment: EMAugment | None = None
         self._resume_state: dict[str, Any] | None = None
 
@@ -274,11 +275,11 @@ class EMPatchDataModule(pl.LightningDataModule):
 
     @property
     def fingerprint(self) -> str:
-        return str(getattr(self._corpus(), "fingerprint", ""))
+        return str(self._corpus().fingerprint)
 
     corpus_fingerprint = fingerprint  # the name the method modules read
 
-    def _corpus(self) -> Any:
+    def _corpus(self) -> PatchCorpus:
         if self.corpus is None:
             self.setup()
         return self.corpus

@@ -29,6 +29,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from curation.convert import Uint8Converter, sample_volume
+from curation.corpus import ReadOnlyIndex
+
 __all__ = ["ArrayVolume", "SubvolumeDataset", "SubvolumeDataModule", "VolumeLike"]
 
 
@@ -75,10 +78,8 @@ def _close(volume: Any) -> None:
         close()
 
 
-def _fit_converter(volume: VolumeLike, rule: str | Mapping[str, Any] | None) -> Any:
+def _fit_converter(volume: VolumeLike, rule: str | Mapping[str, Any] | None) -> Uint8Converter:
     """The corpus's fitted mapping when recorded, else a fresh fit with the corpus's rule."""
-    from curation.convert import Uint8Converter, sample_volume
-
     if isinstance(rule, str) and rule.lstrip().startswith("{"):
         rule = json.loads(rule)
     if isinstance(rule, Mapping):
@@ -93,11 +94,8 @@ def corpus_uint8_rules(corpus_root: str | os.PathLike) -> dict[str, Any]:
     db_path = Path(corpus_root) / "index.sqlite"
     if not db_path.is_file():
         return {}
-    from curation.corpus import read_only_index
-
-    with read_only_index(corpus_root) as db:
-        rows = db.execute("SELECT name, uint8_rule FROM sources").fetchall()
-    return {name: rule for name, rule in rows if rule}
+    with ReadOnlyIndex(corpus_root) as index:
+        return index.uint8_rules()
 
 
 class SubvolumeDataset(Dataset):

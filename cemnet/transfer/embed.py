@@ -146,9 +146,9 @@ def _display_name(path: Path) -> str:
 
 def _volume_inputs(path: Path) -> list[Path]:
     """The files to open: every 2D/3D image file of a folder, or the path itself."""
-    from curation.readers import IMAGE_EXTS, reader_for
+    from curation.readers import IMAGE_EXTS, FolderStack, reader_for
 
-    if path.is_dir() and not path.name.endswith(".zarr") and reader_for(path).__name__ == "_FolderStack":
+    if path.is_dir() and not path.name.endswith(".zarr") and reader_for(path) is FolderStack:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if files:
             return files
