@@ -46,7 +46,7 @@ def _worker(corpus_path: str, out: str) -> None:
 
     from cemnet.data.augment import AugmentConfig
     from cemnet.data.datamodule import EMPatchDataModule
-    from cemnet.methods.common import batch_shuffle, batch_unshuffle
+    from cemnet.methods.distributed import batch_shuffle, batch_unshuffle
     from cemnet.methods.mocov2 import MoCoV2
 
     class Dump(pl.Callback):

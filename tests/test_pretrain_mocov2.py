@@ -23,17 +23,11 @@ from pytorch_lightning.loggers import CSVLogger
 
 from cemnet.data.augment import AugmentConfig
 from cemnet.data.datamodule import ArrayCorpus, EMPatchDataModule
-from cemnet.methods.common import (
-    DivergenceError,
-    DivergenceGuard,
-    ImagesPerSecond,
-    PairSampleLogger,
-    clean_state_dict_keys,
-    lr_factor,
-)
+from cemnet.methods.callbacks import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 from cemnet.methods.mocov2 import MoCoV2
+from cemnet.methods.schedules import lr_factor
 from cemnet.transfer.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +261,6 @@ def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
     back = {"state_dict": dict(ckpt["state_dict"]), "cemnet": ckpt["cemnet"]}
     again.on_load_checkpoint(back)
     again.load_state_dict(back["state_dict"], strict=True)
-    assert clean_state_dict_keys({"a._orig_mod.b": 1}) == {"a.b": 1}
 
 
 def test_checkpoint_records_whole_epochs_trained_not_the_epoch_index(corpus, tmp_path):
@@ -384,7 +377,7 @@ def test_paper_config_parses_to_cem500k_settings(capsys):
 
 
 def test_split_batchnorm_emulates_per_device_bn_and_keeps_keys():
-    from cemnet.methods.common import SplitBatchNorm2d, convert_split_batchnorm
+    from cemnet.methods.distributed import SplitBatchNorm2d, convert_split_batchnorm
 
     plain = MoCoV2(arch="resnet18", queue_size=64)
     split = MoCoV2(arch="resnet18", queue_size=64, bn_splits=2)
