@@ -1,19 +1,25 @@
-"""Multi-process helpers of the contrastive methods: gathering keys across ranks, MoCo's
-shuffle-BN (:func:`batch_shuffle` / :func:`batch_unshuffle`) and :class:`SplitBatchNorm2d`, its
-single-device stand-in."""
+"""Multi-process helpers of the contrastive methods: gathering keys across ranks and
+:class:`SplitBatchNorm2d`, the single-device stand-in of MoCo's shuffle-BN.
+
+The shuffle-BN itself is lightly's ``batch_shuffle`` / ``batch_unshuffle``
+(``lightly.models.utils``, ``distributed=is_distributed()``), which is facebookresearch/moco's
+``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp``: under DDP, BatchNorm statistics are per GPU;
+without the shuffle a query and its key see the *same* sub-batch statistics, which leaks the
+positive's identity (the "BN cheating" of MoCo sec. 3.3). On one process the permutation is within
+the device and changes nothing for BN statistics; use ``bn_splits`` (:class:`SplitBatchNorm2d`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightly.models.utils import concat_all_gather as lightly_concat_all_gather
 from torch import Tensor, nn
 
 __all__ = [
     "is_distributed",
     "concat_all_gather",
-    "batch_shuffle",
-    "batch_unshuffle",
     "SplitBatchNorm2d",
     "convert_split_batchnorm",
 ]
@@ -25,50 +31,9 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def concat_all_gather(x: Tensor) -> Tensor:
-    """All ranks' ``x`` concatenated along dim 0 in rank order (no gradient); ``x`` if not distributed."""
-    if not is_distributed():
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
-@torch.no_grad()
-def batch_shuffle(x: Tensor, shuffle: bool = True) -> tuple[Tensor, Tensor | None]:
-    """MoCo's ``_batch_shuffle_ddp``: redistribute the key batch across ranks before the key encoder.
-
-    Under DDP, BatchNorm statistics are per GPU; without the shuffle a query and its key see the
-    *same* sub-batch statistics, which leaks the positive's identity (the "BN cheating" of MoCo
-    sec. 3.3). Gather all ranks' images, permute with rank 0's permutation (broadcast), give each
-    rank one slice. On a single process the permutation is within the device and changes nothing
-    for BN statistics (they are permutation-invariant); use ``bn_splits`` (SplitBatchNorm) there.
-
-    Returns:
-        this rank's shuffled images and the index that undoes the shuffle (``None`` if not shuffled).
-    """
-    if not shuffle:
-        return x, None
-    if not is_distributed():
-        perm = torch.randperm(x.shape[0], device=x.device)
-        return x[perm], torch.argsort(perm)
-    x_all = concat_all_gather(x)
-    n_all = x_all.shape[0]
-    perm = torch.randperm(n_all, device=x.device)
-    dist.broadcast(perm, src=0)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return x_all[perm.view(world, -1)[rank]], torch.argsort(perm)
-
-
-@torch.no_grad()
-def batch_unshuffle(x: Tensor, idx_unshuffle: Tensor | None) -> Tensor:
-    """MoCo's ``_batch_unshuffle_ddp``: gather the shuffled keys and take back this rank's own."""
-    if idx_unshuffle is None:
-        return x
-    if not is_distributed():
-        return x[idx_unshuffle]
-    x_all = concat_all_gather(x)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return x_all[idx_unshuffle.view(world, -1)[rank]]
+    """All ranks' ``x`` concatenated along dim 0 in rank order (no gradient); ``x`` itself on one
+    process (lightly's ``concat_all_gather`` needs an initialised process group)."""
+    return lightly_concat_all_gather(x.contiguous()) if is_distributed() else x
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

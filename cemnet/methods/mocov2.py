@@ -2,10 +2,12 @@
 
 ``training_step`` follows facebookresearch/moco ``builder.py`` step by step: encode queries ->
 momentum update -> shuffle -> encode keys -> unshuffle -> InfoNCE against the queue -> enqueue
-the keys gathered from all ranks.
+the keys gathered from all ranks. Built on lightly's blocks (projection head, momentum update,
+batch shuffle); the queue is cemnet's own :class:`~cemnet.methods.memory_bank.KeyQueue` because it
+must be in the checkpoint (see there).
 
-BatchNorm: under DDP the key batch is shuffled across ranks (MoCo's shuffle-BN, :func:`batch_shuffle`)
-so a query and its key never share BN statistics. On one process the in-device shuffle is kept for
+BatchNorm: under DDP the key batch is shuffled across ranks (MoCo's shuffle-BN, lightly's
+``batch_shuffle(distributed=True)``) so a query and its key never share BN statistics. On one process the in-device shuffle is kept for
 the reading order but cannot change BN statistics; set ``bn_splits > 1`` to emulate per-GPU BN
 (SplitBatchNorm, MoCo's single-GPU recipe), or train with ``Trainer(sync_batchnorm=True)`` and
 ``shuffle_bn=False`` (MoCo v3 style, fine at large batch). ViTs have no BN; nothing is needed.
@@ -18,13 +20,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightly.models.utils import batch_shuffle, batch_unshuffle
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from cemnet.methods.backbones import build_backbone
 from cemnet.methods.base import PretrainMethod, logs_this_step
-from cemnet.methods.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_batchnorm
-from cemnet.methods.heads import MoCoV2ProjectionHead
+from cemnet.methods.distributed import concat_all_gather, convert_split_batchnorm, is_distributed
+from cemnet.methods.heads import MoCoV2ProjectionHead, upgrade_sequential_head_keys
 from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 
@@ -101,9 +104,13 @@ class MoCoV2(PretrainMethod):
         q = self.projection_head(self.backbone(x_q))
         with torch.no_grad():
             self.update_momentum_copies(self.hparams.key_momentum)  # once per optimizer step
-            x_k, idx_unshuffle = batch_shuffle(x_k, self.hparams.shuffle_bn)
+            shuffle_bn, distributed = self.hparams.shuffle_bn, is_distributed()
+            if shuffle_bn:
+                x_k, shuffle = batch_shuffle(x_k, distributed=distributed)
             k = self.projection_head_momentum(self.backbone_momentum(x_k))
-            k = F.normalize(batch_unshuffle(k, idx_unshuffle).float(), dim=1)
+            if shuffle_bn:
+                k = batch_unshuffle(k, shuffle, distributed=distributed)
+            k = F.normalize(k.float(), dim=1)
         loss, stats = info_nce_queue(q, k, self.memory_bank.snapshot(), self.hparams.temperature)
         self.memory_bank.enqueue(concat_all_gather(k))
         self._log_step(loss, stats, x_q.shape[0])
@@ -121,6 +128,13 @@ class MoCoV2(PretrainMethod):
     # -- fit plumbing -----------------------------------------------------------------------------
     def modules_to_compile(self) -> list[nn.Module]:
         return [self.backbone, self.backbone_momentum]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the heads were lightly's have `projection_head.0.*` keys
+        if "state_dict" in checkpoint:
+            heads = ("projection_head", "projection_head_momentum")
+            checkpoint["state_dict"] = upgrade_sequential_head_keys(checkpoint["state_dict"], heads)
+        super().on_load_checkpoint(checkpoint)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
