@@ -67,15 +67,15 @@ def logs_this_step(trainer: pl.Trainer | None) -> bool:
     return bool(trainer._logger_connector.should_update_logs)
 
 
-def completed_epochs(module: Any, checkpoint: dict[str, Any]) -> int:
+def completed_epochs(module: pl.LightningModule, checkpoint: dict[str, Any]) -> int:
     """Whole epochs of data trained on when ``checkpoint`` is written (a 10-epoch run records 10).
 
     Lightning's ``checkpoint["epoch"]`` is the index of the epoch in progress (9 at the end of
     the 10th); batches processed over the whole run (progress survives resume) divided by the
     batches of one epoch is what a reader of the exported metadata means by "epochs"."""
-    epoch = int(checkpoint.get("epoch", getattr(module, "current_epoch", 0)))
-    trainer = getattr(module, "_trainer", None)
-    per_epoch = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+    epoch = int(checkpoint.get("epoch", module.current_epoch))
+    trainer = module._trainer
+    per_epoch = trainer.num_training_batches if trainer is not None else None
     if not per_epoch or math.isinf(per_epoch):
         return epoch
     processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
