@@ -33,6 +33,7 @@ from cemnet.methods.masking import (
     sample_block_masks,
 )
 from cemnet.models.decoders import ReconDecoder
+from cemnet.models.encoder3d import build_encoder3d, resolve_arch_kwargs
 from cemnet.transfer.keys import clean_keys
 
 __all__ = ["MGMR2D", "MGMR3D", "MGMRBase"]
@@ -308,8 +309,6 @@ class MGMR3D(MGMRBase):
         xy_scales: Sequence[int] = (4, 8, 16),
         **kwargs: Any,
     ) -> None:
-        from cemnet.models.encoder3d import build_encoder3d, resolve_arch_kwargs
-
         super().__init__(arch, arch_kwargs, **kwargs)
         self.save_hyperparameters()
         self.arch_kwargs = resolve_arch_kwargs(arch, **(arch_kwargs or {}))
