@@ -90,9 +90,9 @@ def bench_ours(batches: list[dict], args) -> float:
 def bench_bare(batches: list[dict], args) -> float:
     """lightly's MoCo example loop (update_momentum, NTXentLoss with a memory bank), same model."""
     from lightly.loss import NTXentLoss
-    from lightly.models.utils import update_momentum
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
 
-    from cemnet.methods.common import build_backbone, deactivate_requires_grad
+    from cemnet.methods.backbones import build_backbone
     from cemnet.methods.heads import MoCoV2ProjectionHead
 
     torch.manual_seed(0)

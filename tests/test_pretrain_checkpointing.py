@@ -151,7 +151,7 @@ def test_resume_falls_back_past_a_truncated_last_ckpt(corpus, tmp_path, capsys):
 
 def test_divergence_guard_refuses_a_checkpoint_with_non_finite_buffers(corpus, tmp_path):
     """A finite loss with BatchNorm's running_var at inf (what a huge lr does): no such checkpoint."""
-    from cemnet.methods.common import DivergenceError, DivergenceGuard
+    from cemnet.methods.callbacks import DivergenceError, DivergenceGuard
 
     class BreakBuffers(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

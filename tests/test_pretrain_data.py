@@ -188,7 +188,9 @@ def test_datamodule_reads_whole_batches_from_the_corpus(corpus, monkeypatch):
     dm = EMPatchDataModule(corpus, batch_size=16, num_workers=0, augment=AugmentConfig(crop_size=48))
     dm.setup("fit")
     assert dm.mean == pytest.approx(corpus.mean) and dm.std == pytest.approx(corpus.std)
-    assert dm.data_stats()["corpus_fingerprint"] == corpus.fingerprint
+    facts = dm.data_stats()  # the one record the methods read (no attribute probing)
+    assert facts.corpus_fingerprint == corpus.fingerprint and (facts.mean, facts.std) == (dm.mean, dm.std)
+    assert facts.n_patches == len(corpus) and facts.batch_size == 16
     loader = dm.train_dataloader()
     batch = next(iter(loader))
     assert calls == [16], "one gathered read per batch, not one per patch"

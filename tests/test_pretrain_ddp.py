@@ -46,7 +46,7 @@ def _worker(corpus_path: str, out: str) -> None:
 
     from cemnet.data.augment import AugmentConfig
     from cemnet.data.datamodule import EMPatchDataModule
-    from cemnet.methods.common import batch_shuffle, batch_unshuffle
+    from lightly.models.utils import batch_shuffle, batch_unshuffle
     from cemnet.methods.mocov2 import MoCoV2
 
     class Dump(pl.Callback):
@@ -56,9 +56,9 @@ def _worker(corpus_path: str, out: str) -> None:
 
         def on_train_start(self, trainer, pl_module):
             x = torch.arange(8, dtype=torch.float32)[:, None] + 100 * trainer.global_rank
-            shuffled, idx = batch_shuffle(x)
+            shuffled, idx = batch_shuffle(x, distributed=True)
             self.shuffle = {
-                "unshuffled_ok": bool(torch.equal(batch_unshuffle(shuffled, idx), x)),
+                "unshuffled_ok": bool(torch.equal(batch_unshuffle(shuffled, idx, distributed=True), x)),
                 "mixed": bool((shuffled >= 100).any() and (shuffled < 100).any()),
             }
 

@@ -99,6 +99,9 @@ def test_float_volume_uses_the_corpus_uint8_mapping(shared_data: Path, tmp_path:
     dm.setup("fit")
     assert (dm.mean, dm.std) == (0.41, 0.17)
     assert dm.corpus_fingerprint
+    stats = dm.data_stats()  # what the methods read: one typed record, no attribute probing
+    assert (stats.mean, stats.std, stats.corpus_fingerprint) == (0.41, 0.17, dm.corpus_fingerprint)
+    assert stats.n_patches == len(dm.corpus) and stats.batch_size == 2
     torch.manual_seed(3)
     block, _, (z, y, x) = dm.dataset.sample()
     expect = converter(vol.read(slice(z, z + 20), slice(y, y + 32), slice(x, x + 32)))
@@ -113,3 +116,4 @@ def test_datamodule_from_volume_paths_measures_stats(shared_data: Path) -> None:
     assert batch.shape == (2, 1, 20, 64, 64) and batch.dtype == torch.uint8
     assert 0.2 < dm.mean < 0.8 and 0.05 < dm.std < 0.4
     assert dm.corpus_fingerprint.startswith("volumes-")
+    assert dm.data_stats().n_patches is None  # no corpus, no patch count

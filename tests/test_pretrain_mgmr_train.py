@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cemnet.methods.common import build_backbone
-from cemnet.methods.mgmr import MGMR2D, MGMR3D, mgmr_loss
+from cemnet.methods.backbones import build_backbone
+from cemnet.methods.losses import mgmr_loss
+from cemnet.methods.mgmr import MGMR2D, MGMR3D
 from cemnet.models.encoder3d import build_encoder3d
 from cemnet.transfer.checkpoint_io import load_checkpoint
 

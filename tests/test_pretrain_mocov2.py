@@ -6,6 +6,7 @@ whole file stays well under a minute on two shared cores.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import re
@@ -23,17 +24,11 @@ from pytorch_lightning.loggers import CSVLogger
 
 from cemnet.data.augment import AugmentConfig
 from cemnet.data.datamodule import ArrayCorpus, EMPatchDataModule
-from cemnet.methods.common import (
-    DivergenceError,
-    DivergenceGuard,
-    ImagesPerSecond,
-    PairSampleLogger,
-    clean_state_dict_keys,
-    lr_factor,
-)
+from cemnet.methods.callbacks import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 from cemnet.methods.mocov2 import MoCoV2
+from cemnet.methods.schedules import lr_factor
 from cemnet.transfer.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +225,61 @@ def test_momentum_encoder_moves_only_on_optimizer_steps(corpus):
     assert changes[2] and changes[4], "key encoder must move once after each optimizer step"
 
 
+def test_training_step_equals_plain_torch_moco_with_the_blocks_it_replaced(corpus):
+    """MoCoV2 builds on lightly's head, momentum update and batch shuffle: one step must give the
+    loss (and key-encoder weights) of MoCo written out in plain torch with the blocks cemnet had
+    before (an ``nn.Sequential`` head, foreach EMA, an in-device randperm shuffle), same seed."""
+    torch.manual_seed(0)
+    model = _model()
+    with torch.no_grad():  # online != momentum weights, so the EMA update shows in the keys
+        for p in [*model.backbone.parameters(), *model.projection_head.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    dm = _dm(corpus)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    x_q, x_k = batch["views"]
+    head, head_m = (torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
+                    for _ in range(2))
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in model.projection_head.state_dict().items()})
+    head_m.load_state_dict({k.removeprefix("layers."): v for k, v in model.projection_head_momentum.state_dict().items()})
+    backbone, backbone_m = copy.deepcopy(model.backbone), copy.deepcopy(model.backbone_momentum)
+    queue = model.memory_bank.keys.clone()
+
+    torch.manual_seed(1)
+    out = model.training_step(batch, 0)
+
+    torch.manual_seed(1)
+    q = head(backbone(x_q))
+    with torch.no_grad():
+        for online, ema in ((backbone, backbone_m), (head, head_m)):
+            for p, p_m in zip(online.parameters(), ema.parameters()):
+                p_m.mul_(0.999).add_(p, alpha=0.001)
+        perm = torch.randperm(x_k.shape[0])
+        k = F.normalize(head_m(backbone_m(x_k[perm]))[torch.argsort(perm)].float(), dim=1)
+    q = F.normalize(q, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.2
+    ref = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    torch.testing.assert_close(out["loss"], ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["keys"], k, rtol=0, atol=1e-6)
+    for a, b in zip(model.backbone_momentum.parameters(), backbone_m.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_checkpoint_with_the_old_sequential_head_keys_still_loads(corpus, tmp_path):
+    """Checkpoints written before the heads were lightly's name them ``projection_head.0.weight``."""
+    torch.manual_seed(0)
+    written = _model()
+    state = written.state_dict()
+    old = {re.sub(r"^(projection_head(?:_momentum)?)\.layers\.", r"\1.", k): v for k, v in state.items()}
+    assert "projection_head.0.weight" in old and "projection_head_momentum.2.bias" in old
+    torch.save({"state_dict": old, "hyper_parameters": dict(written.hparams), "global_step": 0, "epoch": 0,
+                "pytorch-lightning_version": pl.__version__, "cemnet": {"mean": 0.4, "std": 0.2}}, tmp_path / "old.ckpt")
+    loaded = MoCoV2.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert (loaded.mean, loaded.std) == (0.4, 0.2)
+
+
 def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
     pl.seed_everything(0)
     model = _model()
@@ -267,7 +317,6 @@ def test_checkpoint_contract_and_clean_backbone_keys(corpus, tmp_path):
     back = {"state_dict": dict(ckpt["state_dict"]), "cemnet": ckpt["cemnet"]}
     again.on_load_checkpoint(back)
     again.load_state_dict(back["state_dict"], strict=True)
-    assert clean_state_dict_keys({"a._orig_mod.b": 1}) == {"a.b": 1}
 
 
 def test_checkpoint_records_whole_epochs_trained_not_the_epoch_index(corpus, tmp_path):
@@ -384,7 +433,7 @@ def test_paper_config_parses_to_cem500k_settings(capsys):
 
 
 def test_split_batchnorm_emulates_per_device_bn_and_keeps_keys():
-    from cemnet.methods.common import SplitBatchNorm2d, convert_split_batchnorm
+    from cemnet.methods.distributed import SplitBatchNorm2d, convert_split_batchnorm
 
     plain = MoCoV2(arch="resnet18", queue_size=64)
     split = MoCoV2(arch="resnet18", queue_size=64, bn_splits=2)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "PatchViewsDataset": "cemnet.data.datamodule",
     "load_corpus": "cemnet.data.datamodule",
     "EpochSampler": "cemnet.data.sampling",
+    "DataStats": "cemnet.data.stats",
 }
 
 __getattr__, __all__ = lazy_exports("cemnet.data", _EXPORTS)

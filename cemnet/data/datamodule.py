@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from cemnet.data.augment import AugmentConfig, EMAugment
 from curation.corpus import PatchCorpus, missing_corpus_members, open_corpus
 from cemnet.data.sampling import EpochSampler
+from cemnet.data.stats import DataStats
 
 __all__ = ["ArrayCorpus", "CorpusTooSmallError", "PatchViewsDataset", "StatefulLoader", "EMPatchDataModule", "load_corpus"]
 
@@ -277,7 +278,6 @@ class EMPatchDataModule(pl.LightningDataModule):
     def fingerprint(self) -> str:
         return str(self._corpus().fingerprint)
 
-    corpus_fingerprint = fingerprint  # the name the method modules read
 
     def _corpus(self) -> PatchCorpus:
         if self.corpus is None:
@@ -380,6 +380,7 @@ class EMPatchDataModule(pl.LightningDataModule):
             batch["views"] = [self.augment(x, sizes) for _ in range(self.num_views)]
         return batch
 
-    def data_stats(self) -> dict[str, Any]:
-        """What a checkpoint records about the data: mean, std, corpus fingerprint."""
-        return {"mean": self.mean, "std": self.std, "corpus_fingerprint": self.fingerprint}
+    def data_stats(self) -> DataStats:
+        """What the methods record (mean, std, corpus fingerprint) and scale by (batch size)."""
+        corpus = self._corpus()
+        return DataStats(self.mean, self.std, self.fingerprint, len(corpus), int(self.batch_size))

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cemnet.data.stats import DataStats
 from curation.convert import Uint8Converter, sample_volume
 from curation.corpus import ReadOnlyIndex
 
@@ -298,6 +299,12 @@ class SubvolumeDataModule(pl.LightningDataModule):
     def std(self) -> float:
         self.setup()
         return float(self._std)  # type: ignore[arg-type]
+
+    def data_stats(self) -> DataStats:
+        """What the methods record (mean, std, fingerprint of the corpus or volumes) and scale by."""
+        self.setup()
+        n_patches = len(self.corpus) if self.corpus is not None else None
+        return DataStats(self.mean, self.std, self.corpus_fingerprint, n_patches, int(self.batch_size))
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(

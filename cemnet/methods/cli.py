@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import CSVLogger
 from cemnet.data.datamodule import CorpusTooSmallError
 from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
 from cemnet.methods.config_paths import ConfigPathError, expand_config_names, resolve_input_paths
-from cemnet.methods.common import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
+from cemnet.methods.callbacks import DivergenceError, DivergenceGuard, ImagesPerSecond, PairSampleLogger
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Registered so that short names (--model MoCoV2, --model MGMR2D) resolve; a module that is missing

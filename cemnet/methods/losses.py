@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce_queue"]
+__all__ = ["info_nce_queue", "mgmr_loss"]
 
 
 def info_nce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -41,3 +41,31 @@ def info_nce_queue(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> t
             "acc_top1": (logits.argmax(dim=1) == 0).float().mean(),
         }
     return loss, stats
+
+
+def mgmr_loss(
+    pred_img: Tensor,
+    target_img: Tensor,
+    pred_hog: Tensor,
+    target_hog: Tensor,
+    pixel_weight: float = 0.2,
+    hog_weight: float = 1.0,
+    img_weight_map: Tensor | None = None,
+    hog_weight_map: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """SegNeuron's MGMR loss: ``pixel_weight * MSE(img) + hog_weight * MSE(hog)`` in fp32.
+
+    Weight maps (broadcastable, e.g. the mask) turn each MSE into a weighted mean; ``None`` is
+    the plain mean over all voxels (SegNeuron).
+    """
+
+    def mse(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        err = (pred.float() - target.float()).square()
+        if weight is None:
+            return err.mean()
+        weight = weight.float().expand_as(err)
+        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+    pixel = mse(pred_img, target_img, img_weight_map)
+    hog = mse(pred_hog, target_hog, hog_weight_map)
+    return {"loss": pixel_weight * pixel + hog_weight * hog, "loss_pixel": pixel, "loss_hog": hog}

@@ -15,23 +15,17 @@ on the accelerator, so data workers only read and flip.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from cemnet.methods.common import (
-    CemnetCheckpointMixin,
-    build_backbone,
-    clean_state_dict_keys,
-    logs_this_step,
-    lr_factor,
-)
+from cemnet.methods.backbones import build_backbone
+from cemnet.methods.base import PretrainMethod, batch_images
 from cemnet.methods.hog import HogKind, hog_channels, hog_target
+from cemnet.methods.losses import mgmr_loss
 from cemnet.methods.masking import (
     mgmr_scales_2d,
     mgmr_scales_3d,
@@ -39,53 +33,15 @@ from cemnet.methods.masking import (
     sample_block_masks,
 )
 from cemnet.models.decoders import ReconDecoder
+from cemnet.models.encoder3d import build_encoder3d, resolve_arch_kwargs
+from cemnet.transfer.keys import clean_keys
 
-__all__ = ["MGMR2D", "MGMR3D", "MGMRBase", "mgmr_loss"]
+__all__ = ["MGMR2D", "MGMR3D", "MGMRBase"]
 
 MASKFEAT_CELL = 8
 
 
-def mgmr_loss(
-    pred_img: Tensor,
-    target_img: Tensor,
-    pred_hog: Tensor,
-    target_hog: Tensor,
-    pixel_weight: float = 0.2,
-    hog_weight: float = 1.0,
-    img_weight_map: Tensor | None = None,
-    hog_weight_map: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """SegNeuron's MGMR loss: ``pixel_weight * MSE(img) + hog_weight * MSE(hog)`` in fp32.
-
-    Weight maps (broadcastable, e.g. the mask) turn each MSE into a weighted mean; ``None`` is
-    the plain mean over all voxels (SegNeuron).
-    """
-
-    def mse(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-        err = (pred.float() - target.float()).square()
-        if weight is None:
-            return err.mean()
-        weight = weight.float().expand_as(err)
-        return (err * weight).sum() / weight.sum().clamp_min(1.0)
-
-    pixel = mse(pred_img, target_img, img_weight_map)
-    hog = mse(pred_hog, target_hog, hog_weight_map)
-    return {"loss": pixel_weight * pixel + hog_weight * hog, "loss_pixel": pixel, "loss_hog": hog}
-
-
-def _images(batch: Any) -> Tensor:
-    """The image tensor of a batch: a tensor, the first item of a tuple/list, ``batch["image"]``
-    (raw uint8 patches) or ``batch["views"][0]`` (an augmented view, normalised)."""
-    if isinstance(batch, Mapping):
-        batch = batch["views"][0] if "views" in batch else batch["image"]
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(f"expected a tensor batch, got {type(batch).__name__}")
-    return batch
-
-
-class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
+class MGMRBase(PretrainMethod):
     """Shared MGMR training logic; subclasses build ``backbone`` and implement :meth:`encode`.
 
     Args:
@@ -99,10 +55,11 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         head_activation: ``"sigmoid"`` (SegNeuron) or ``"none"``.
         lr, weight_decay, warmup_epochs: AdamW, linear warm-up then cosine decay per step
             (``lr`` is not batch-scaled).
-        compile: ``nn.Module.compile()`` the forward pass (encoder + decoders); keys stay clean.
+        arch, arch_kwargs, compile, corpus_fingerprint: see
+            :class:`~cemnet.methods.base.PretrainMethod` (``compile`` compiles the forward pass,
+            encoder + decoders).
         mean, std: input normalisation on the [0, 1] scale; ``None`` takes them from the
             datamodule (its corpus) at fit time, falling back to 0.5 / 0.25.
-        corpus_fingerprint: recorded in the checkpoint; ``None`` takes the datamodule's.
     """
 
     method_name: str = "mgmr"
@@ -110,6 +67,8 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
 
     def __init__(
         self,
+        arch: str,
+        arch_kwargs: dict[str, Any] | None = None,
         hog: HogKind = "segneuron",
         mask_ratio: tuple[float, float] = (0.5, 0.7),
         pixel_weight: float = 0.2,
@@ -126,7 +85,7 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         std: float | None = None,
         corpus_fingerprint: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(arch, arch_kwargs, compile, mean, std, corpus_fingerprint)
         if hog not in ("segneuron", "maskfeat"):
             raise ValueError(f"hog must be 'segneuron' or 'maskfeat', got {hog!r}")
         if loss_on not in ("all", "masked"):
@@ -139,19 +98,12 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
-        self.compile_forward = compile
-        self.mean = mean
-        self.std = std
-        self.corpus_fingerprint = corpus_fingerprint
         self._view_stats = (mean or 0.5, std or 0.25)
         self._decoder_cfg = {
             "base_width": decoder_width,
             "use_skips": decoder_skips,
             "activation": head_activation,
         }
-        self.arch: str = ""
-        self.arch_kwargs: dict[str, Any] = {}
-        self.backbone: nn.Module
         self.mask_scales: list[tuple[int, ...]] = []
 
     # -- subclass interface --------------------------------------------------------------------
@@ -193,7 +145,7 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
         the datamodule's mean/std (MGMR needs raw intensities for its noise and targets); other
         float tensors are taken to be in [0, 1] already.
         """
-        x = _images(batch)
+        x = batch_images(batch)
         if x.ndim == self.spatial_dims + 1:
             x = x.unsqueeze(1)  # (B, *spatial) -> (B, 1, *spatial)
         if x.dtype == torch.uint8:
@@ -244,29 +196,23 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         out = self.shared_step(batch)
-        bs = _images(batch).shape[0]
+        bs = batch_images(batch).shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for k in ("loss_pixel", "loss_hog", "mask_fraction"):
             self.log(f"train/{k}", out[k], batch_size=bs)
-        if self._trainer is not None and logs_this_step(self._trainer):
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        self.log_lr(bs)
         return out["loss"]
 
     # -- fit plumbing --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Take mean/std and the corpus fingerprint from the datamodule when not given."""
-        self.capture_data_stats()
+        super().setup(stage)
         # record what normalize() really uses, so the checkpoint never says None
         self.mean = 0.5 if self.mean is None else float(self.mean)
         self.std = 0.25 if self.std is None else float(self.std)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         # what the datamodule normalised its views with (may differ from the model's mean/std)
-        self._view_stats = (
-            float(getattr(dm, "mean", None) or self.mean),
-            float(getattr(dm, "std", None) or self.std),
-        )
-        if self.compile_forward and stage == "fit":
-            self.compile()  # nn.Module.compile: compiles __call__ (forward), keys stay clean
+        stats = self.datamodule_stats()
+        self._view_stats = (float(stats.mean), float(stats.std)) if stats is not None else (self.mean, self.std)
 
     def configure_optimizers(self) -> Any:
         # no weight decay on norms and biases (1-D parameters), as usual for AdamW
@@ -276,25 +222,11 @@ class MGMRBase(CemnetCheckpointMixin, pl.LightningModule):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
         )
-        trainer = self.trainer
-        total = max(int(trainer.estimated_stepping_batches), 1)
-        trainer.fit_loop.setup_data()  # idempotent; sets num_training_batches even under max_steps
-        batches = trainer.num_training_batches
-        per_epoch = (
-            max(math.ceil(batches / trainer.accumulate_grad_batches), 1) if math.isfinite(batches) else total
-        )
-        epochs = total / per_epoch
-        warmup = self.warmup_epochs
-
-        def factor(step: int) -> float:
-            return lr_factor(step / per_epoch, "cosine", epochs, warmup_epochs=warmup)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.lr_schedule(opt, "cosine", warmup_epochs=self.warmup_epochs)
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights with clean keys (no ``backbone.`` / ``_orig_mod.``)."""
-        return clean_state_dict_keys(self.backbone.state_dict())
+        return clean_keys(self.backbone.state_dict())
 
 
 class MGMR2D(MGMRBase):
@@ -325,10 +257,8 @@ class MGMR2D(MGMRBase):
         mask_scales: Sequence[int] = (4, 8, 16),
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(arch, arch_kwargs, **kwargs)
         self.save_hyperparameters()
-        self.arch = arch
-        self.arch_kwargs = dict(arch_kwargs or {})
         self.mask_scales = mgmr_scales_2d(mask_scales)
         self.backbone = build_backbone(arch, in_chans=1, **self.arch_kwargs)
         if not hasattr(self.backbone, "forward_intermediates"):
@@ -379,11 +309,8 @@ class MGMR3D(MGMRBase):
         xy_scales: Sequence[int] = (4, 8, 16),
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        from cemnet.models.encoder3d import build_encoder3d, resolve_arch_kwargs
-
+        super().__init__(arch, arch_kwargs, **kwargs)
         self.save_hyperparameters()
-        self.arch = arch
         self.arch_kwargs = resolve_arch_kwargs(arch, **(arch_kwargs or {}))
         self.mask_scales = mgmr_scales_3d(z_scales, xy_scales)
         self.backbone = build_encoder3d(arch, in_chans=1, **self.arch_kwargs)

@@ -2,10 +2,12 @@
 
 ``training_step`` follows facebookresearch/moco ``builder.py`` step by step: encode queries ->
 momentum update -> shuffle -> encode keys -> unshuffle -> InfoNCE against the queue -> enqueue
-the keys gathered from all ranks.
+the keys gathered from all ranks. Built on lightly's blocks (projection head, momentum update,
+batch shuffle); the queue is cemnet's own :class:`~cemnet.methods.memory_bank.KeyQueue` because it
+must be in the checkpoint (see there).
 
-BatchNorm: under DDP the key batch is shuffled across ranks (MoCo's shuffle-BN, :func:`batch_shuffle`)
-so a query and its key never share BN statistics. On one process the in-device shuffle is kept for
+BatchNorm: under DDP the key batch is shuffled across ranks (MoCo's shuffle-BN, lightly's
+``batch_shuffle(distributed=True)``) so a query and its key never share BN statistics. On one process the in-device shuffle is kept for
 the reading order but cannot change BN statistics; set ``bn_splits > 1`` to emulate per-GPU BN
 (SplitBatchNorm, MoCo's single-GPU recipe), or train with ``Trainer(sync_batchnorm=True)`` and
 ``shuffle_bn=False`` (MoCo v3 style, fine at large batch). ViTs have no BN; nothing is needed.
@@ -13,37 +15,26 @@ the reading order but cannot change BN statistics; set ``bn_splits > 1`` to emul
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightly.models.utils import batch_shuffle, batch_unshuffle
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
-from cemnet.methods.common import (
-    CemnetCheckpointMixin,
-    batch_shuffle,
-    batch_unshuffle,
-    build_backbone,
-    concat_all_gather,
-    convert_split_batchnorm,
-    deactivate_requires_grad,
-    logs_this_step,
-    lr_factor,
-    update_momentum,
-)
-from cemnet.methods.heads import MoCoV2ProjectionHead
+from cemnet.methods.backbones import build_backbone
+from cemnet.methods.base import PretrainMethod, logs_this_step
+from cemnet.methods.distributed import concat_all_gather, convert_split_batchnorm, is_distributed
+from cemnet.methods.heads import MoCoV2ProjectionHead, upgrade_sequential_head_keys
 from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 
 __all__ = ["MoCoV2"]
 
 
-class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
+class MoCoV2(PretrainMethod):
     """MoCo v2 with a timm encoder on single-channel EM patches.
 
     Args:
@@ -65,8 +56,8 @@ class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
         warmup_epochs: linear warm-up (0 in CEM500K).
         shuffle_bn: MoCo's shuffle-BN for the key encoder (see module docstring).
         bn_splits: >1 replaces BatchNorm2d by SplitBatchNorm2d (single-device shuffle-BN stand-in).
-        compile: ``nn.Module.compile()`` both encoders (keeps state-dict keys free of ``_orig_mod``).
-        mean, std, corpus_fingerprint: recorded in the checkpoint; ``None`` = from the datamodule.
+        compile, mean, std, corpus_fingerprint: see :class:`~cemnet.methods.base.PretrainMethod`
+            (``compile`` compiles both encoders).
     """
 
     method_name = "mocov2"
@@ -97,17 +88,12 @@ class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
         std: float | None = None,
         corpus_fingerprint: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(arch, arch_kwargs, compile, mean, std, corpus_fingerprint)
         self.save_hyperparameters()
-        self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
-        self.mean, self.std, self.corpus_fingerprint = mean, std, corpus_fingerprint
         self.backbone = convert_split_batchnorm(build_backbone(arch, in_chans=1, **self.arch_kwargs), bn_splits)
         self.projection_head = MoCoV2ProjectionHead(self.backbone.num_features, proj_hidden_dim, proj_out_dim)
-        for online, momentum in self.momentum_pairs:
-            setattr(self, momentum, copy.deepcopy(getattr(self, online)))
-            deactivate_requires_grad(getattr(self, momentum))
+        self.build_momentum_copies()
         self.memory_bank = KeyQueue(queue_size, proj_out_dim)
-        self._momentum_step = -1  # global_step of the last key-encoder update
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features (what transfer uses)."""
@@ -117,23 +103,18 @@ class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
         x_q, x_k = batch["views"]
         q = self.projection_head(self.backbone(x_q))
         with torch.no_grad():
-            self._momentum_update()  # no-op on non-stepping micro-batches (gradient accumulation)
-            x_k, idx_unshuffle = batch_shuffle(x_k, self.hparams.shuffle_bn)
+            self.update_momentum_copies(self.hparams.key_momentum)  # once per optimizer step
+            shuffle_bn, distributed = self.hparams.shuffle_bn, is_distributed()
+            if shuffle_bn:
+                x_k, shuffle = batch_shuffle(x_k, distributed=distributed)
             k = self.projection_head_momentum(self.backbone_momentum(x_k))
-            k = F.normalize(batch_unshuffle(k, idx_unshuffle).float(), dim=1)
+            if shuffle_bn:
+                k = batch_unshuffle(k, shuffle, distributed=distributed)
+            k = F.normalize(k.float(), dim=1)
         loss, stats = info_nce_queue(q, k, self.memory_bank.snapshot(), self.hparams.temperature)
         self.memory_bank.enqueue(concat_all_gather(k))
         self._log_step(loss, stats, x_q.shape[0])
         return {"loss": loss, "keys": k}
-
-    def _momentum_update(self) -> None:
-        # `global_step` counts optimizer steps only, so the key encoder moves once per real step,
-        # at the first micro-batch after it, exactly where MoCo's per-iteration update falls.
-        if self.global_step == self._momentum_step:
-            return
-        self._momentum_step = self.global_step
-        for online, momentum in self.momentum_pairs:
-            update_momentum(getattr(self, online), getattr(self, momentum), self.hparams.key_momentum)
 
     def _log_step(self, loss: Tensor, stats: dict[str, Tensor], batch_size: int) -> None:
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
@@ -141,40 +122,27 @@ class MoCoV2(CemnetCheckpointMixin, pl.LightningModule):
             return  # the rest only on steps the loggers write (saves the queue scan and Lightning's bookkeeping)
         logged = {f"train/{k}": v for k, v in stats.items()}
         logged.update({f"train/queue_{k}": v for k, v in self.memory_bank.stats().items()})
-        logged["train/lr"] = self.optimizers().param_groups[0]["lr"] if self._trainer is not None else 0.0
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log_lr(batch_size)
 
     # -- fit plumbing -----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.capture_data_stats()
-        if self.hparams.compile and stage == "fit":
-            self.backbone.compile()
-            self.backbone_momentum.compile()
+    def modules_to_compile(self) -> list[nn.Module]:
+        return [self.backbone, self.backbone_momentum]
 
-    def global_batch_size(self) -> int:
-        """Samples per optimizer step over all ranks (for the linear lr scaling)."""
-        t = self.trainer
-        per_device = getattr(t.datamodule, "batch_size", None) if t.datamodule is not None else None
-        if per_device is None and t.train_dataloader is not None:
-            per_device = getattr(t.train_dataloader, "batch_size", None)
-        if per_device is None:
-            rank_zero_warn("MoCoV2: per-device batch size unknown (no datamodule.batch_size); lr is not batch-scaled")
-            return int(self.hparams.lr_batch_size)
-        return int(per_device) * t.world_size * t.accumulate_grad_batches
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the heads were lightly's have `projection_head.0.*` keys
+        if "state_dict" in checkpoint:
+            heads = ("projection_head", "projection_head_momentum")
+            checkpoint["state_dict"] = upgrade_sequential_head_keys(checkpoint["state_dict"], heads)
+        super().on_load_checkpoint(checkpoint)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        lr = hp.lr * self.global_batch_size() / hp.lr_batch_size
+        global_batch = self.global_batch_size()
+        if global_batch is None:
+            rank_zero_warn("MoCoV2: per-device batch size unknown (no datamodule.batch_size); lr is not batch-scaled")
+            global_batch = hp.lr_batch_size
+        lr = hp.lr * global_batch / hp.lr_batch_size
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=lr, momentum=hp.sgd_momentum, weight_decay=hp.weight_decay)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        self.trainer.fit_loop.setup_data()  # idempotent; sets num_training_batches even under max_steps
-        batches = self.trainer.num_training_batches
-        steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1) if math.isfinite(batches) else total_steps
-        max_epochs = total_steps / steps_per_epoch
-
-        def factor(step: int) -> float:
-            return lr_factor(step / steps_per_epoch, hp.schedule, max_epochs, hp.milestones, 0.1, hp.warmup_epochs)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.lr_schedule(opt, hp.schedule, hp.milestones, 0.1, hp.warmup_epochs)
