@@ -49,7 +49,8 @@ from curation.exemplars import OnlineExemplars, visit_keys
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
 from curation.missing_chunks import label_missing_chunk_patches, record_missing_chunks
-from curation.pixels import discard_staged_units, save_staged, store_unit_pixels, sweep_unreferenced_shards, sync_pixels
+from curation.pixels import (discard_staged_units, save_staged, store_settled_pixels,
+                             store_unit_pixels, sweep_unreferenced_shards, sync_pixels)
 from curation.readers import ReaderError, source_fingerprint
 from curation.remote import forget_unreadable
 from curation.remote_sampling import expand_sampled
@@ -113,6 +114,7 @@ class UnitResult:
     checksum: str | None = None  # of the shard's patches (see curation.corpus.shard_checksum)
     missing: list[tuple[int, ...]] = field(default_factory=list)  # boxes read as fill value (absent chunks)
     staged: str | None = None  # the unit's patches, all of them, waiting for the exemplar decision
+    deferred: bool = False  # no pixels stored yet: its source's exemplars are cut from the staged volume
 
 
 _scratch_buffers = threading.local()
@@ -147,14 +149,18 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: 
         patches, rows = patches[keep], [r for r, k in zip(rows, keep) if k]
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     staged, checksum = None, None
+    # Exemplars only, of a volume staged for its xz / yz planes: the staged copy holds every
+    # patch's pixels, so nothing is written now; ExemplarStore.settle cuts the source's exemplars
+    # from it when the source is done.
+    deferred = bool(unit.settings.get("stage_dirs") and (unit.staging or unit.staging_t))
     if unit.settings.get("stage_dirs"):  # exemplars only: the main process picks what to store
-        staged = save_staged(unit.settings["stage_dirs"], unit.source, unit.key, patches)
+        staged = None if deferred else save_staged(unit.settings["stage_dirs"], unit.source, unit.key, patches)
     else:
         atomic_save_npy(Path(unit.root) / unit.shard, patches)
         checksum = shard_checksum(patches)
-    out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
+    out = [(unit.source, unit.shard, -1 if deferred else i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
     return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0, checksum=checksum,
-                      staged=staged)
+                      staged=staged, deferred=deferred)
 
 
 def run_unit(unit: Unit) -> UnitResult:
@@ -621,8 +627,9 @@ class ExemplarStore:
         self.tracker = OnlineExemplars(settings.dedup_distance, enabled=settings.dedup_scope != "none")
         self.stage_dirs = [] if settings.keep_all_pixels else [str(d) for d in staging_area.unit_dirs()]
         discard_staged_units(self.stage_dirs)  # a killed run's (we hold the corpus lock)
-        self.counts = {"patches": 0, "stored": 0}
+        self.counts = {"patches": 0, "stored": 0, "settle_seconds": 0.0}
         self._deleter = ThreadPoolExecutor(max_workers=1)  # frees staging files off the main thread
+        self.deferred: dict[str, tuple[str | None, str | None]] = {}  # source -> its staged copies (zyx, xzy)
 
     def _group(self, source: str) -> str:
         if self.settings.dedup_scope == "global":
@@ -631,10 +638,13 @@ class ExemplarStore:
         return (row and row["dataset"]) or source
 
     def _seed(self, group: str) -> None:
-        where, params = "", ()
+        where, params = "WHERE 1", ()
         if group != "*":
             where = "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)"
             params = (group,)
+        if self.deferred:  # their patches join the group when they settle
+            where += f" AND source NOT IN ({', '.join('?' * len(self.deferred))})"
+            params += tuple(self.deferred)
         t = self.index.patch_table(["source", "axis", "slice", "y", "x", "hash"], where, params)
         keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
         self.tracker.seed(group, hash_from_db(t["hash"].astype(np.int64)), keys)
@@ -652,11 +662,41 @@ class ExemplarStore:
             rows, checksum = store_unit_pixels(self.index.root, result.staged, result.shard, rows, keep,
                                                remove=lambda path: self._deleter.submit(os.unlink, path))
             self.counts["stored"] += int(keep.sum())
+        elif result.deferred:  # pixels come when its source settles
+            checksum = None
         else:  # the unit wrote its shard, all of its patches, itself
             checksum = result.checksum
             self.counts["stored"] += len(rows)
         self.counts["patches"] += len(rows)
         self.index.commit_task(source, result.key, result.shard, rows, result.seconds, checksum)
+
+    def defer(self, source: str, zyx: str | None, xzy: str | None) -> None:
+        """``source``'s units are cut from its staged copies ``zyx`` / ``xzy``
+        (:class:`StagingArea`): they store no pixels; :meth:`settle` does, before the copies go."""
+        if self.stage_dirs:  # exemplars only (with keep_all_pixels units write their shards)
+            self.deferred[source] = (zyx, xzy)
+
+    def settle(self, source: str) -> None:
+        """Store the pixels of a deferred source's exemplars, cut from its staged copies (call it
+        before they are released): the exact greedy exemplars of its patches when its dedup group
+        holds nothing else, so the dedup that follows finds none missing and none superseded
+        (see :meth:`curation.exemplars.OnlineExemplars.settle`; any it still finds missing are
+        re-cut from the source as before)."""
+        staged = self.deferred.get(source)
+        if staged is None:
+            return
+        t0 = time.perf_counter()
+        group = self._group(source)
+        if group not in self.tracker.groups:
+            self._seed(group)  # without this source's patches
+        del self.deferred[source]
+        t = self.index.patch_table(["id", "axis", "slice", "y", "x", "hash"], "WHERE source = ?", (source,))
+        if len(t["id"]):
+            keys = visit_keys(self.settings.seed, [source] * len(t["id"]), t["axis"], t["slice"], t["y"], t["x"])
+            keep = self.tracker.settle(group, hash_from_db(t["hash"].astype(np.int64)), keys)
+            store_settled_pixels(self.index, source, t["id"][keep], *staged, self.settings.memory_mb)
+            self.counts["stored"] += int(keep.sum())
+        self.counts["settle_seconds"] += time.perf_counter() - t0
 
     def close(self) -> None:
         self._deleter.shutdown(wait=True)
@@ -830,6 +870,7 @@ def extract(
             name, status="partial" if lost else "done", n_patches=count, seconds=time.perf_counter() - t_source[name],
             error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
             if lost else None)
+        exemplars.settle(name)  # before its staged copies go
         staging_area.release(name)
         index.clear_skipped(names[name]["path"])
 
@@ -868,6 +909,7 @@ def extract(
 
     def fail_source(name: str, path: str, err: BaseException) -> None:
         failed.add(name)
+        exemplars.settle(name)  # its units cut so far: their exemplars, from its staged copies
         staging_area.release(name)
         problem = _problem(err)
         index.upsert_source(name, status="failed", error=problem)
@@ -937,6 +979,7 @@ def extract(
                                 continue
                             for u in xy + planes:
                                 u.staging, u.staging_t = zyx, xzy
+                            exemplars.defer(name, zyx, xzy)
                             for u in xy:
                                 if u.key in done:  # cut in an earlier run: only its data is needed
                                     u.kind, u.key = "stage", "stage-" + u.key
