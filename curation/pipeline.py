@@ -49,7 +49,7 @@ from curation.exemplars import OnlineExemplars, visit_keys
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, grid_starts, patch_count, plan_planes, slice_indices
 from curation.missing_chunks import label_missing_chunk_patches, record_missing_chunks
-from curation.pixels import (discard_staged_units, save_staged, store_settled_pixels,
+from curation.pixels import (PIXEL_ROW_COLUMNS, discard_staged_units, save_staged, store_settled_pixels,
                              store_unit_pixels, sweep_unreferenced_shards, sync_pixels)
 from curation.readers import ReaderError, source_fingerprint
 from curation.remote import forget_unreadable
@@ -690,11 +690,11 @@ class ExemplarStore:
         if group not in self.tracker.groups:
             self._seed(group)  # without this source's patches
         del self.deferred[source]
-        t = self.index.patch_table(["id", "axis", "slice", "y", "x", "hash"], "WHERE source = ?", (source,))
+        t = self.index.patch_table(PIXEL_ROW_COLUMNS, "WHERE source = ?", (source,))
         if len(t["id"]):
-            keys = visit_keys(self.settings.seed, [source] * len(t["id"]), t["axis"], t["slice"], t["y"], t["x"])
+            keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
             keep = self.tracker.settle(group, hash_from_db(t["hash"].astype(np.int64)), keys)
-            store_settled_pixels(self.index, source, t["id"][keep], *staged, self.settings.memory_mb)
+            store_settled_pixels(self.index, source, t, keep, *staged, self.settings.memory_mb)
             self.counts["stored"] += int(keep.sum())
         self.counts["settle_seconds"] += time.perf_counter() - t0
 

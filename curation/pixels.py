@@ -204,6 +204,7 @@ def check_recorded_hashes(path: str, rows: dict[str, np.ndarray], patches: np.nd
 
 # ----------------------------------------------------------------------------- rewriting shards
 _TABLE = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash")
+PIXEL_ROW_COLUMNS = _TABLE  # the patch columns store_settled_pixels needs
 
 
 def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: int = 256, progress: bool = True,
@@ -323,16 +324,19 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
     return stats
 
 
-def store_settled_pixels(index: CorpusIndex, source: str, exemplar_ids: np.ndarray, zyx: str | None,
-                         xzy: str | None, memory_mb: int = 256, check: int = 32) -> dict[str, int]:
-    """Make the shards of ``source`` hold pixels for exactly ``exemplar_ids`` among its patches,
-    cut from its staged uint8 copies ``zyx`` / ``xzy`` (:func:`cut_from_staged`) where they
-    have none yet: no read of the source, and each unit's shard written once with the exemplars
-    of its source's settled dedup group instead of provisional ones rewritten later. The staged
-    copy holds the very bytes the units hashed, so a sample of ``check`` patches per batch is
-    checked against the recorded hashes (a guard against a wrong copy; a full check costs as
-    much as the cut). Counts as :func:`sync_pixels`."""
+def store_settled_pixels(index: CorpusIndex, source: str, table: dict[str, np.ndarray], exemplar: np.ndarray,
+                         zyx: str | None, xzy: str | None, memory_mb: int = 256, check: int = 32) -> dict[str, int]:
+    """Make the shards of ``source`` hold pixels for exactly its patches ``exemplar`` (bool per
+    row of ``table``: its patch rows in id order, columns as :data:`_TABLE`), cut from its
+    staged uint8 copies ``zyx`` / ``xzy`` (:func:`cut_from_staged`): no read of the source, and
+    each unit's shard written once with the exemplars of its settled dedup group instead of
+    provisional ones rewritten later. The staged copy holds the very bytes the units hashed, so
+    a sample of ``check`` patches per unit is checked against the recorded hashes (a guard
+    against a wrong copy; a full check costs as much as the cut). A source that fails it is
+    reported as :func:`sync_pixels` reports one, its patches left without pixels (re-cut from
+    the source before the filter). Counts as :func:`sync_pixels`."""
     p = index.patch_size
+    stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
 
     def cut(source_row: dict[str, Any], rows: dict[str, np.ndarray]) -> np.ndarray:
         try:
@@ -343,16 +347,40 @@ def store_settled_pixels(index: CorpusIndex, source: str, exemplar_ids: np.ndarr
         check_recorded_hashes(source_row["path"], {c: v[sample] for c, v in rows.items()}, patches[sample], p)
         return patches
 
-    # The ids travel as a temporary table (an IN list of 10^5 parameters would exceed SQLite's limit).
-    index.db.execute("CREATE TEMP TABLE IF NOT EXISTS settled_exemplars (id INTEGER PRIMARY KEY)")
-    index.db.execute("DELETE FROM temp.settled_exemplars")
-    index.db.executemany("INSERT INTO temp.settled_exemplars VALUES (?)",
-                         ((i,) for i in np.asarray(exemplar_ids, dtype=np.int64).tolist()))
-    want = "CASE WHEN source = ? THEN id IN (SELECT id FROM temp.settled_exemplars) ELSE offset >= 0 END"
-    try:
-        return sync_pixels(index, want, (source,), memory_mb, progress=False, cut=cut)
-    finally:
+    if (table["offset"].astype(np.int64) >= 0).any():  # some units hold pixels (an earlier run's): the general way
+        # The ids travel as a temporary table (an IN list of 10^5 parameters would exceed SQLite's limit).
+        index.db.execute("CREATE TEMP TABLE IF NOT EXISTS settled_exemplars (id INTEGER PRIMARY KEY)")
         index.db.execute("DELETE FROM temp.settled_exemplars")
+        index.db.executemany("INSERT INTO temp.settled_exemplars VALUES (?)",
+                             ((i,) for i in table["id"][exemplar].astype(np.int64).tolist()))
+        want = "CASE WHEN source = ? THEN id IN (SELECT id FROM temp.settled_exemplars) ELSE offset >= 0 END"
+        try:
+            return sync_pixels(index, want, (source,), memory_mb, progress=False, cut=cut)
+        finally:
+            index.db.execute("DELETE FROM temp.settled_exemplars")
+    # No unit holds pixels yet (the usual case): write each unit's exemplars as its first shard
+    # file, without sync_pixels' scans of the patch table for shards to rewrite.
+    source_row = index.source(source)
+    picks = np.flatnonzero(exemplar)
+    shards = table["shard"][picks]
+    for shard in sorted(set(shards.tolist())):
+        pick = picks[shards == shard]  # in id order: the shard's order
+        try:
+            patches = cut(source_row, {c: table[c][pick] for c in _TABLE})
+        except RecutError as err:
+            index.add_skipped(f"{source_row['path']} (re-cut)", str(err))
+            print(f"skipped cutting exemplars of {source_row['path']}: {err}", file=sys.stderr)
+            stats["failed"] = 1
+            break
+        atomic_save_npy(index.root / shard, patches)
+        key = shard[len(f"shards/{source}/") : -len(".npy")]
+        with index.write():  # the unit's rows and its checksum name the file, in one change
+            index.db.executemany("UPDATE patches SET offset=? WHERE id=?",
+                                 zip(range(len(pick)), table["id"][pick].astype(np.int64).tolist()))
+            index.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?",
+                             (shard_checksum(patches), source, key))
+        stats["shards"] += 1
+    return stats
 
 
 def sweep_unreferenced_shards(index: CorpusIndex) -> int:

@@ -245,6 +245,41 @@ def test_online_exemplars_equal_the_greedy_rule_on_one_batch_and_rarely_miss_ove
     assert not np.array_equal(visit_order(keys), visit_order(visit_keys(1, names, c.axes, c.slices, c.ys, c.xs)))
 
 
+def test_settling_a_source_whose_units_hold_pixels_rewrites_them_from_the_staged_copy(
+        neuroproof_pair, shared_data, tmp_path):
+    """The general way (units that hold pixels already, e.g. from an earlier run): the shards
+    end holding exactly the settled exemplars, new ones cut from the staged copy, others dropped."""
+    from curation.corpus import CorpusIndex
+    from curation.pixels import PIXEL_ROW_COLUMNS, store_settled_pixels
+
+    lean, full = neuroproof_pair
+    c = tmp_path / "c"
+    shutil.copytree(lean, c)
+    # NeuroProof is 8-bit, cut with the identity rule: its slices stacked are the staged (z, y, x) copy.
+    slices = sorted((shared_data / NEUROPROOF).glob("*.png"))
+    from PIL import Image
+
+    np.save(tmp_path / "zyx.npy", np.stack([np.asarray(Image.open(f)) for f in slices]).astype(np.uint8))
+    index = CorpusIndex(c)
+    try:
+        t = index.patch_table(PIXEL_ROW_COLUMNS, "WHERE source = ?", ("np",))
+        want = t["offset"].astype(np.int64) >= 0
+        want[np.flatnonzero(want)[:3]] = False  # three stored ones lose their pixels,
+        want[np.flatnonzero(~want)[:5]] = True  # five without pixels get them
+        counts = store_settled_pixels(index, "np", t, want, str(tmp_path / "zyx.npy"), None)
+        assert counts["recut"] >= 5 and counts["dropped"] == 3 and counts["failed"] == 0
+    finally:
+        index.close()
+    everything = Corpus(c, status=None)
+    assert np.array_equal(everything.has_pixels, np.isin(everything.ids, t["id"][want]))
+    whole = Corpus(full, status=None)
+    at = {int(i): k for k, i in enumerate(whole.ids.tolist())}
+    pick = np.flatnonzero(everything.has_pixels)
+    got, _ = everything.get_padded(pick)
+    expected, _ = whole.get_padded(np.array([at[int(i)] for i in everything.ids[pick]]))
+    assert np.array_equal(got, expected)
+
+
 def test_settling_a_source_is_the_greedy_rule_alone_in_its_group_and_provisional_in_a_shared_one(small_corpus):
     c = Corpus(small_corpus, status=None)
     names = [c.sources[s] for s in c.source_index]
