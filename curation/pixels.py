@@ -154,12 +154,13 @@ def cut_from_staged(zyx: str | None, xzy: str | None, rows: dict[str, np.ndarray
     columns = (np.asarray(rows["axis"]).astype(str).tolist(),
                *(np.asarray(rows[c], dtype=np.int64).tolist() for c in ("slice", "y", "x", "h", "w")))
     for i, (axis, s, y, x, h, w) in enumerate(zip(*columns)):
+        ys, xs = slice(y, y + h), slice(x, x + w)
         if axis == "xy":  # patch[a, b] = V[s, y + a, x + b]
-            out[i, :h, :w] = volume[s, y : y + h, x : x + w] if volume is not None else volume_t[x : x + w, s, y : y + h].T
+            out[i, :h, :w] = volume[s, ys, xs] if volume is not None else volume_t[xs, s, ys].T
         elif axis == "xz":  # V[y + a, s, x + b]
-            out[i, :h, :w] = volume[y : y + h, s, x : x + w] if volume is not None else volume_t[x : x + w, y : y + h, s].T
+            out[i, :h, :w] = volume[ys, s, xs] if volume is not None else volume_t[xs, ys, s].T
         else:  # yz: V[y + a, x + b, s]
-            out[i, :h, :w] = volume_t[s, y : y + h, x : x + w] if volume_t is not None else volume[y : y + h, x : x + w, s]
+            out[i, :h, :w] = volume_t[s, ys, xs] if volume_t is not None else volume[ys, xs, s]
     return out
 
 

@@ -280,6 +280,26 @@ def test_settling_a_source_whose_units_hold_pixels_rewrites_them_from_the_staged
     assert np.array_equal(got, expected)
 
 
+def test_patches_cut_from_either_staged_copy_equal_the_stored_ones(neuroproof_pair, shared_data, tmp_path):
+    """A volume cut in xz only stages the (z, y, x) copy, in yz only the x-first one: every plane's
+    patches come out the same from either (NeuroProof is 8-bit, cut with the identity rule)."""
+    from PIL import Image
+
+    from curation.pixels import cut_from_staged
+
+    _, full = neuroproof_pair
+    volume = np.stack([np.asarray(Image.open(f)) for f in sorted((shared_data / NEUROPROOF).glob("*.png"))])
+    np.save(tmp_path / "zyx.npy", volume.astype(np.uint8))
+    np.save(tmp_path / "xzy.npy", np.ascontiguousarray(volume.astype(np.uint8).transpose(2, 0, 1)))
+    c = Corpus(full, status=None)
+    rows = {"axis": c.axes, "slice": c.slices, "y": c.ys, "x": c.xs, "h": c.sizes[:, 0], "w": c.sizes[:, 1]}
+    assert set(c.axes.tolist()) == {"xy", "xz", "yz"}
+    stored, _ = c.get_padded(np.arange(len(c)))
+    zyx, xzy = str(tmp_path / "zyx.npy"), str(tmp_path / "xzy.npy")
+    for copies in ((zyx, xzy), (zyx, None), (None, xzy)):
+        assert np.array_equal(cut_from_staged(*copies, rows, 224), stored), copies
+
+
 def test_settling_a_source_is_the_greedy_rule_alone_in_its_group_and_provisional_in_a_shared_one(small_corpus):
     c = Corpus(small_corpus, status=None)
     names = [c.sources[s] for s in c.source_index]
