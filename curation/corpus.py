@@ -670,7 +670,9 @@ class CorpusIndex(IndexQueries):
         the unit's checksum becomes the new file's (the one :func:`verify_shards` checks)."""
         with self.write():
             for old_name in old_shards:  # one statement per unit, not one per row
-                self.db.execute("UPDATE patches SET shard=? WHERE source=? AND shard=?", (target, source, old_name))
+                if old_name != target:  # (each scans the source's rows: skip the no-ops)
+                    self.db.execute("UPDATE patches SET shard=? WHERE source=? AND shard=?",
+                                    (target, source, old_name))
             self.db.executemany("UPDATE patches SET offset=? WHERE id=?",
                                 zip(np.asarray(offsets, dtype=np.int64).tolist(), np.asarray(ids, dtype=np.int64).tolist()))
             self.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?", (checksum, source, key))
@@ -724,12 +726,19 @@ class CorpusIndex(IndexQueries):
         with self.write():
             self.db.execute("DELETE FROM tasks WHERE source=? AND (key LIKE 'xz-%' OR key LIKE 'yz-%')", (source,))
 
-    def dataset_patch_table(self, columns: Iterable[str], dataset: str) -> dict[str, np.ndarray]:
-        """:meth:`patch_table` of the patches of every source in ``dataset`` ("*": every patch)."""
-        if dataset == "*":
-            return self.patch_table(columns)
-        return self.patch_table(
-            columns, "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)", (dataset,))
+    def dataset_patch_table(self, columns: Iterable[str], dataset: str,
+                            leave_out: Iterable[str] = ()) -> dict[str, np.ndarray]:
+        """:meth:`patch_table` of the patches of every source in ``dataset`` ("*": every patch),
+        without those of the sources ``leave_out``."""
+        where, params = "WHERE 1", ()
+        if dataset != "*":
+            where = "WHERE source IN (SELECT name FROM sources WHERE COALESCE(dataset, name) = ?)"
+            params = (dataset,)
+        leave_out = tuple(leave_out)
+        if leave_out:
+            where += f" AND source NOT IN ({', '.join('?' * len(leave_out))})"
+            params += leave_out
+        return self.patch_table(columns, where, params)
 
     def exemplars_to_judge(self, columns: Iterable[str], filter_sig: str) -> dict[str, np.ndarray]:
         """:meth:`patch_table` of the exemplars with pixels not yet judged by the filter ``filter_sig``."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from curation.corpus import CorpusIndex, hash_from_db
 from curation.exemplars import OnlineExemplars, visit_keys
-from curation.pixels import discard_staged_units, store_unit_pixels
+from curation.pixels import PIXEL_ROW_COLUMNS, discard_staged_units, store_settled_pixels, store_unit_pixels
 from curation.settings import CurateSettings
 from curation.staging import StagingArea
 from curation.units import UnitResult
@@ -30,8 +31,9 @@ class ExemplarStore:
         self.tracker = OnlineExemplars(settings.dedup_distance, enabled=settings.dedup_scope != "none")
         self.stage_dirs = [] if settings.keep_all_pixels else [str(d) for d in staging_area.unit_dirs()]
         discard_staged_units(self.stage_dirs)  # a killed run's (we hold the corpus lock)
-        self.counts = {"patches": 0, "stored": 0}
+        self.counts = {"patches": 0, "stored": 0, "settle_seconds": 0.0}
         self._deleter = ThreadPoolExecutor(max_workers=1)  # frees staging files off the main thread
+        self.deferred: dict[str, tuple[str | None, str | None]] = {}  # source -> its staged copies (zyx, xzy)
 
     def _group(self, source: str) -> str:
         if self.settings.dedup_scope == "global":
@@ -40,7 +42,8 @@ class ExemplarStore:
         return (row and row["dataset"]) or source
 
     def _seed(self, group: str) -> None:
-        t = self.index.dataset_patch_table(["source", "axis", "slice", "y", "x", "hash"], group)
+        # deferred sources' patches join the group when they settle
+        t = self.index.dataset_patch_table(["source", "axis", "slice", "y", "x", "hash"], group, self.deferred)
         keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
         self.tracker.seed(group, hash_from_db(t["hash"].astype(np.int64)), keys)
 
@@ -57,11 +60,41 @@ class ExemplarStore:
             rows, checksum = store_unit_pixels(self.index.root, result.staged, result.shard, rows, keep,
                                                remove=lambda path: self._deleter.submit(os.unlink, path))
             self.counts["stored"] += int(keep.sum())
+        elif result.deferred:  # pixels come when its source settles
+            checksum = None
         else:  # the unit wrote its shard, all of its patches, itself
             checksum = result.checksum
             self.counts["stored"] += len(rows)
         self.counts["patches"] += len(rows)
         self.index.commit_task(source, result.key, result.shard, rows, result.seconds, checksum)
+
+    def defer(self, source: str, zyx: str | None, xzy: str | None) -> None:
+        """``source``'s units are cut from its staged copies ``zyx`` / ``xzy``
+        (:class:`StagingArea`): they store no pixels; :meth:`settle` does, before the copies go."""
+        if self.stage_dirs:  # exemplars only (with keep_all_pixels units write their shards)
+            self.deferred[source] = (zyx, xzy)
+
+    def settle(self, source: str) -> None:
+        """Store the pixels of a deferred source's exemplars, cut from its staged copies (call it
+        before they are released): the exact greedy exemplars of its patches when its dedup group
+        holds nothing else, so the dedup that follows finds none missing and none superseded
+        (see :meth:`curation.exemplars.OnlineExemplars.settle`; any it still finds missing are
+        re-cut from the source as before)."""
+        staged = self.deferred.get(source)
+        if staged is None:
+            return
+        t0 = time.perf_counter()
+        group = self._group(source)
+        if group not in self.tracker.groups:
+            self._seed(group)  # without this source's patches
+        del self.deferred[source]
+        t = self.index.patch_table(PIXEL_ROW_COLUMNS, "WHERE source = ?", (source,))
+        if len(t["id"]):
+            keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
+            keep = self.tracker.settle(group, hash_from_db(t["hash"].astype(np.int64)), keys)
+            store_settled_pixels(self.index, source, t, keep, *staged, self.settings.memory_mb)
+            self.counts["stored"] += int(keep.sum())
+        self.counts["settle_seconds"] += time.perf_counter() - t0
 
     def close(self) -> None:
         self._deleter.shutdown(wait=True)

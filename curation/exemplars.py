@@ -156,3 +156,27 @@ class OnlineExemplars:
         admitted = np.array(admitted_l, dtype=bool)
         g.add(codes[admitted], keys[admitted])
         return admitted
+
+    def settle(self, group: str, hashes: np.ndarray, keys: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """bool per patch: the exemplars among ``hashes``, all the patches of a finished source
+        (none of them admitted before). When the group holds nothing else yet (a dataset of one
+        source, the usual case), this is the greedy rule itself over them
+        (:func:`curation.dedup.greedy_groups`), i.e. the final dedup's answer unless other
+        sources join the group later; otherwise they are admitted ``batch`` at a time."""
+        from curation.dedup import greedy_groups
+
+        n = len(hashes)
+        if not self.enabled or n == 0:
+            return np.ones(n, dtype=bool)
+        g = self.groups.setdefault(group, _Group())
+        keys = np.asarray(keys, dtype=np.uint64)
+        if g.index.ntotal:
+            start = len(g.alive)
+            admitted = np.concatenate([self.admit(group, hashes[i : i + batch], keys[i : i + batch])
+                                       for i in range(0, n, batch)])
+            admitted[np.flatnonzero(admitted)] = g.alive[start:]  # some were claimed by a later batch
+            return admitted
+        groups = greedy_groups(hashes, self.max_distance, order=visit_order(keys))
+        exemplar = groups == np.arange(n)
+        g.add(_codes(np.asarray(hashes)[exemplar]), keys[exemplar])
+        return exemplar

@@ -8,6 +8,9 @@ re-cut from its source. See ``docs/corpus_format.md``.
   ``/dev/shm`` has room, else ``CORPUS/work/units``); the main process keeps the exemplars of
   what was cut so far (:class:`curation.exemplars.OnlineExemplars`), writes their pixels to the
   unit's shard (:func:`store_unit_pixels`) and deletes the staging file at once.
+* A volume staged for its xz / yz planes holds every patch's pixels in the staged copy: its
+  units store none, and when the source is done :func:`store_settled_pixels` writes its
+  exemplars' pixels, cut from that copy (:func:`cut_from_staged`), to each unit's shard once.
 * After dedup, :func:`sync_pixels` rewrites the shards of units whose set of patches with pixels
   must change: final exemplars without pixels are re-cut (:func:`recut_rows`) before the filter
   reads them, and after the filter the pixels of duplicates and filtered patches are dropped.
@@ -23,7 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -129,6 +132,29 @@ def recut_rows(spec_json: dict[str, Any], converter_json: dict[str, Any], rows: 
     return out
 
 
+def cut_from_staged(zyx: str | None, xzy: str | None, rows: dict[str, np.ndarray], patch_size: int) -> np.ndarray:
+    """Cut the patches described by ``rows`` (columns ``axis``, ``slice``, ``y``, ``x``, ``h``,
+    ``w``; one source) from its staged uint8 copies (see :class:`curation.pipeline.StagingArea`):
+    the (z, y, x) copy ``zyx`` and the x-first (x, z, y) copy ``xzy``, either may be None. No
+    read of the source itself. Each patch is taken from the copy in which its rows are
+    contiguous, as the units cut it (a yz patch from the (z, y, x) copy would touch a page per
+    pixel): uint8 (n, P, P), zero-padded like the shards."""
+    volume = np.load(zyx, mmap_mode="r") if zyx else None
+    volume_t = np.load(xzy, mmap_mode="r") if xzy else None
+    out = np.zeros((len(rows["axis"]), patch_size, patch_size), dtype=np.uint8)
+    columns = (np.asarray(rows["axis"]).astype(str).tolist(),
+               *(np.asarray(rows[c], dtype=np.int64).tolist() for c in ("slice", "y", "x", "h", "w")))
+    for i, (axis, s, y, x, h, w) in enumerate(zip(*columns)):
+        ys, xs = slice(y, y + h), slice(x, x + w)
+        if axis == "xy":  # patch[a, b] = V[s, y + a, x + b]
+            out[i, :h, :w] = volume[s, ys, xs] if volume is not None else volume_t[xs, s, ys].T
+        elif axis == "xz":  # V[y + a, s, x + b]
+            out[i, :h, :w] = volume[ys, s, xs] if volume is not None else volume_t[xs, ys, s].T
+        else:  # yz: V[y + a, x + b, s]
+            out[i, :h, :w] = volume_t[s, ys, xs] if volume_t is not None else volume[ys, xs, s]
+    return out
+
+
 class RecutError(RuntimeError):
     """Patches cannot be re-cut from their source (it changed, or it is unreadable now)."""
 
@@ -150,29 +176,39 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
         raise
     except Exception as err:  # noqa: BLE001 - unreadable now: one sentence naming the source
         raise RecutError(f"{path}: cannot re-cut patches ({err})") from err
+    check_recorded_hashes(path, rows, patches, patch_size)
+    return patches
+
+
+def check_recorded_hashes(path: str, rows: dict[str, np.ndarray], patches: np.ndarray, patch_size: int) -> None:
+    """Raise :class:`RecutError` unless every re-cut patch has the hash recorded when it was first cut."""
+    from curation.hashing import dhash_batch
+
     sizes = np.stack([rows["h"], rows["w"]], 1).astype(np.int64).reshape(-1, 2)
     got = dhash_batch(patches, sizes, patch_size)
     bad = np.flatnonzero(got != hash_from_db(np.asarray(rows["hash"], dtype=np.int64)))
     if len(bad):
         raise RecutError(f"{path}: {len(bad)} re-cut patch(es) differ from the ones cut before (e.g. #"
                          f"{int(rows['id'][bad[0]])}); run `cemnet curate` on the source again to cut it anew")
-    return patches
 
 
 # ----------------------------------------------------------------------------- rewriting shards
 _TABLE = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w", "hash")
+PIXEL_ROW_COLUMNS = _TABLE  # the patch columns store_settled_pixels needs
 
 
 def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: int = 256, progress: bool = True,
-                recut_batch: int = 2048) -> dict[str, int]:
+                recut_batch: int = 2048,
+                cut: Callable[[dict[str, Any], dict[str, np.ndarray]], np.ndarray] | None = None) -> dict[str, int]:
     """Make the shards hold pixels exactly for the patches the SQL condition ``want`` selects
     (over the ``patches`` table, with ``params``).
 
     Only shards whose set of patches with pixels changes are read and rewritten (SQLite finds
     them; the rest of the corpus costs one scan in C); pixels that are kept are copied from the
-    old shard, missing ones re-cut. A source that cannot be re-cut is reported (skipped table,
-    stderr) and its patches stay without pixels. Returns counts: ``recut``, ``dropped``,
-    ``shards``, ``failed``.
+    old shard, missing ones re-cut (:func:`recut_source_rows`, or ``cut(source row, rows)``
+    when given: it must raise :class:`RecutError` on failure). A source that cannot be re-cut
+    is reported (skipped table, stderr) and its patches stay without pixels. Returns counts:
+    ``recut``, ``dropped``, ``shards``, ``failed``.
     """
     from tqdm import tqdm
 
@@ -214,17 +250,19 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
             continue
         all_rows = np.concatenate([np.array(rows_of[u], dtype=np.int64) for u in chunk])
         missing = all_rows[wanted[all_rows] & ~have[all_rows]]
-        cut: dict[int, np.ndarray] = {}
+        fresh: dict[int, np.ndarray] = {}  # row -> its pixels, cut now
         if len(missing):
             try:
-                patches = recut_source_rows(sources[name], {c: table[c][missing] for c in columns}, p, memory_mb)
+                rows_missing = {c: table[c][missing] for c in columns}
+                patches = (cut(sources[name], rows_missing) if cut else
+                           recut_source_rows(sources[name], rows_missing, p, memory_mb))
             except RecutError as err:
                 failed_sources[name] = str(err)
                 index.add_skipped(f"{sources[name]['path']} (re-cut)", str(err))
                 tqdm.write(f"skipped re-cutting {sources[name]['path']}: {err}", file=sys.stderr)
                 bar.update(len(chunk))
                 continue
-            cut = dict(zip(missing.tolist(), patches))
+            fresh = dict(zip(missing.tolist(), patches))
             stats["recut"] += len(missing)
         for unit in chunk:  # all units of a chunk belong to source ``name``
             bar.update(1)
@@ -238,10 +276,13 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
                 new[np.searchsorted(keep, from_old)] = old[table["offset"][from_old].astype(np.int64)]
                 del old
             for k, i in enumerate(keep.tolist()):
-                if i in cut:
-                    new[k] = cut[i]
+                if i in fresh:
+                    new[k] = fresh[i]
             stats["dropped"] += int((have[rows] & ~wanted[rows]).sum())
-            target = versioned(unit, max(unit_shard(s)[1] for s in old_shards) + 1)
+            latest = max(unit_shard(s)[1] for s in old_shards)
+            # A unit that held no pixels yet (cut from a staged volume) gets its first file under
+            # its current name: no row points into that file, so replacing it is safe.
+            target = versioned(unit, latest + 1 if have[rows].any() else latest)
             atomic_save_npy(index.root / target, new)
             offsets = np.full(len(rows), -1, dtype=np.int64)
             offsets[wanted[rows]] = np.arange(len(keep))
@@ -258,6 +299,65 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
     for s in superseded:
         (index.root / s).unlink(missing_ok=True)
     stats["failed"] = len(failed_sources)
+    return stats
+
+
+def store_settled_pixels(index: CorpusIndex, source: str, table: dict[str, np.ndarray], exemplar: np.ndarray,
+                         zyx: str | None, xzy: str | None, memory_mb: int = 256, check: int = 32) -> dict[str, int]:
+    """Make the shards of ``source`` hold pixels for exactly its patches ``exemplar`` (bool per
+    row of ``table``: its patch rows in id order, columns as :data:`_TABLE`), cut from its
+    staged uint8 copies ``zyx`` / ``xzy`` (:func:`cut_from_staged`): no read of the source, and
+    each unit's shard written once with the exemplars of its settled dedup group instead of
+    provisional ones rewritten later. The staged copy holds the very bytes the units hashed, so
+    a sample of ``check`` patches per unit is checked against the recorded hashes (a guard
+    against a wrong copy; a full check costs as much as the cut). A source that fails it is
+    reported as :func:`sync_pixels` reports one, its patches left without pixels (re-cut from
+    the source before the filter). Counts as :func:`sync_pixels`."""
+    p = index.patch_size
+    stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
+
+    def cut(source_row: dict[str, Any], rows: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            patches = cut_from_staged(zyx, xzy, rows, p)
+        except Exception as err:  # noqa: BLE001 - e.g. a staged copy on a disk that failed
+            raise RecutError(f"{source_row['path']}: cannot cut patches from its staged copy ({err})") from err
+        sample = np.unique(np.linspace(0, len(patches) - 1, min(check, len(patches))).astype(np.int64))
+        check_recorded_hashes(source_row["path"], {c: v[sample] for c, v in rows.items()}, patches[sample], p)
+        return patches
+
+    if (table["offset"].astype(np.int64) >= 0).any():  # some units hold pixels (an earlier run's): the general way
+        # The ids travel as a temporary table (an IN list of 10^5 parameters would exceed SQLite's limit).
+        index.db.execute("CREATE TEMP TABLE IF NOT EXISTS settled_exemplars (id INTEGER PRIMARY KEY)")
+        index.db.execute("DELETE FROM temp.settled_exemplars")
+        index.db.executemany("INSERT INTO temp.settled_exemplars VALUES (?)",
+                             ((i,) for i in table["id"][exemplar].astype(np.int64).tolist()))
+        want = "CASE WHEN source = ? THEN id IN (SELECT id FROM temp.settled_exemplars) ELSE offset >= 0 END"
+        try:
+            return sync_pixels(index, want, (source,), memory_mb, progress=False, cut=cut)
+        finally:
+            index.db.execute("DELETE FROM temp.settled_exemplars")
+    # No unit holds pixels yet (the usual case): write each unit's exemplars as its first shard
+    # file, without sync_pixels' scans of the patch table for shards to rewrite.
+    source_row = index.source(source)
+    picks = np.flatnonzero(exemplar)
+    shards = table["shard"][picks]
+    for shard in sorted(set(shards.tolist())):
+        pick = picks[shards == shard]  # in id order: the shard's order
+        try:
+            patches = cut(source_row, {c: table[c][pick] for c in _TABLE})
+        except RecutError as err:
+            index.add_skipped(f"{source_row['path']} (re-cut)", str(err))
+            print(f"skipped cutting exemplars of {source_row['path']}: {err}", file=sys.stderr)
+            stats["failed"] = 1
+            break
+        atomic_save_npy(index.root / shard, patches)
+        key = shard[len(f"shards/{source}/") : -len(".npy")]
+        with index.write():  # the unit's rows and its checksum name the file, in one change
+            index.db.executemany("UPDATE patches SET offset=? WHERE id=?",
+                                 zip(range(len(pick)), table["id"][pick].astype(np.int64).tolist()))
+            index.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?",
+                             (shard_checksum(patches), source, key))
+        stats["shards"] += 1
     return stats
 
 

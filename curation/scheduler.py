@@ -270,6 +270,7 @@ class Scheduler:
                 return
             for u in xy + planes:
                 u.staging, u.staging_t = zyx, xzy
+            self.exemplars.defer(name, zyx, xzy)
             for u in xy:
                 if u.key in done:  # cut in an earlier run: only its data is needed
                     u.kind, u.key = UnitKind.STAGE, "stage-" + u.key
@@ -324,6 +325,7 @@ class Scheduler:
         """Give up on a source: skipped and reported; its finished units stay for a re-run."""
         state = self.sources[name]
         state.failed = True
+        self.exemplars.settle(name)  # its units cut so far: their exemplars, from its staged copies
         self.staging_area.release(name)
         problem = _problem(err)
         self.index.upsert_source(name, status="failed", error=problem)
@@ -344,5 +346,6 @@ class Scheduler:
             seconds=time.perf_counter() - state.started,
             error=f"{len(lost)} unit(s) unreadable, skipped: {', '.join(lost)}; the rest is cut{crossing}"
             if lost else None)
+        self.exemplars.settle(name)  # before its staged copies go
         self.staging_area.release(name)
         index.clear_skipped(state.spec["path"])

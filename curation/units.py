@@ -59,6 +59,7 @@ class UnitResult:
     checksum: str | None = None  # of the shard's patches (see curation.corpus.shard_checksum)
     missing: list[tuple[int, ...]] = field(default_factory=list)  # boxes read as fill value (absent chunks)
     staged: str | None = None  # the unit's patches, all of them, waiting for the exemplar decision
+    deferred: bool = False  # no pixels stored yet: its source's exemplars are cut from the staged volume
 
 
 @dataclass

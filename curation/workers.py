@@ -52,14 +52,18 @@ def _cut(unit: Unit, planes: list[tuple[int, np.ndarray]], axis: str, y_offset: 
         patches, rows = patches[keep], [r for r, k in zip(rows, keep) if k]
     hashes = hash_to_db(dhash_batch(patches, np.array([r[4:6] for r in rows]).reshape(-1, 2), p))
     staged, checksum = None, None
+    # Exemplars only, of a volume staged for its xz / yz planes: the staged copy holds every
+    # patch's pixels, so nothing is written now; ExemplarStore.settle cuts the source's exemplars
+    # from it when the source is done.
+    deferred = bool(unit.stage_dirs and (unit.staging or unit.staging_t))
     if unit.stage_dirs:  # exemplars only: the main process picks what to store
-        staged = save_staged(list(unit.stage_dirs), unit.source, unit.key, patches)
+        staged = None if deferred else save_staged(list(unit.stage_dirs), unit.source, unit.key, patches)
     else:
         atomic_save_npy(Path(unit.root) / unit.shard, patches)
         checksum = shard_checksum(patches)
-    out = [(unit.source, unit.shard, i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
+    out = [(unit.source, unit.shard, -1 if deferred else i, *r, int(h)) for i, (r, h) in enumerate(zip(rows, hashes))]
     return UnitResult(unit.source, unit.key, unit.shard, out, time.perf_counter() - t0, checksum=checksum,
-                      staged=staged)
+                      staged=staged, deferred=deferred)
 
 
 def run_unit(unit: Unit) -> UnitResult:
