@@ -182,8 +182,6 @@ def recut_source_rows(source: dict[str, Any], rows: dict[str, np.ndarray], patch
 
 def check_recorded_hashes(path: str, rows: dict[str, np.ndarray], patches: np.ndarray, patch_size: int) -> None:
     """Raise :class:`RecutError` unless every re-cut patch has the hash recorded when it was first cut."""
-    from curation.hashing import dhash_batch
-
     sizes = np.stack([rows["h"], rows["w"]], 1).astype(np.int64).reshape(-1, 2)
     got = dhash_batch(patches, sizes, patch_size)
     bad = np.flatnonzero(got != hash_from_db(np.asarray(rows["hash"], dtype=np.int64)))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from curation import exemplar_store
+from curation import exemplar_store, workers
 from curation.corpus import Corpus, CorpusIndex
 from curation.dedup import greedy_groups
 from curation.exemplars import OnlineExemplars, visit_keys, visit_order
@@ -182,8 +182,8 @@ def test_a_staged_volume_stores_its_exemplars_once_without_reading_the_source_ag
     source = tmp_path / "np_copy"
     shutil.copytree(shared_data / NEUROPROOF, source)
     staged_units, stored_online = [], []
-    monkeypatch.setattr(pipeline, "save_staged", lambda *a: staged_units.append(a))
-    monkeypatch.setattr(pipeline, "store_unit_pixels", lambda *a, **k: stored_online.append(a))
+    monkeypatch.setattr(workers, "save_staged", lambda *a: staged_units.append(a))
+    monkeypatch.setattr(exemplar_store, "store_unit_pixels", lambda *a, **k: stored_online.append(a))
     real_settle = exemplar_store.ExemplarStore.settle
 
     def settle_without_source(self, name):
