@@ -3,6 +3,8 @@
 * :class:`FileServer` / :func:`serving`: a real HTTP server on 127.0.0.1 serving in-memory files,
   with HTTP Range and scripted faults (truncated body, HTTP 500, corrupted bytes, Range off),
   for the download tests (weights, benchmark archives). Nothing in the tests reaches the internet.
+* :func:`read_grey`: an image file as PIL's 8-bit grey ("L"), the reference the readers and
+  filters are compared with.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-__all__ = ["FileServer", "serving"]
+import numpy as np
+from PIL import Image
+
+__all__ = ["FileServer", "serving", "read_grey"]
+
+
+def read_grey(path: Path) -> np.ndarray:
+    """``path`` decoded by PIL and converted to 8-bit grey (mode "L")."""
+    return np.asarray(Image.open(path).convert("L"))
 
 
 class FileServer(ThreadingHTTPServer):

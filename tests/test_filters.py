@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cemnet.segment.tiling import cut_tiles
 from curation.convert import Uint8Converter
@@ -31,6 +30,7 @@ from curation.filters import (
     read_label_csv,
     train_logistic_filter,
 )
+from helpers import read_grey as grey
 
 P = 224
 
@@ -49,10 +49,6 @@ def cut_patches(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def cut_many(imgs) -> tuple[np.ndarray, np.ndarray]:
     patches, sizes = zip(*(cut_patches(i) for i in imgs))
     return np.concatenate(patches), np.concatenate(sizes)
-
-
-def grey(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"))
 
 
 def minmax_u8(a: np.ndarray) -> np.ndarray:
