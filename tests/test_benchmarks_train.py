@@ -78,6 +78,7 @@ def test_predict_orthoplane_3d() -> None:
     assert 0 <= res.final["iou"] <= 1
 
 
+@pytest.mark.slow
 def test_label_efficiency_cli_end_to_end(tmp_path: Path, shared_data: Path, export: Path) -> None:
     out = tmp_path / "bench"
     rc = cemnet_main([
