@@ -283,6 +283,7 @@ def test_checkpoint_records_whole_epochs_trained_not_the_epoch_index(corpus, tmp
     assert meta["global_step"] == 4 and meta["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     class Diverging(MoCoV2):
         def training_step(self, batch, batch_idx):
@@ -303,6 +304,7 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path)
 
 
 # -- CLI -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, monkeypatch):
     from cemnet.methods.cli import main
 
