@@ -35,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cemnet.segment.tiling import cut_tiles  # noqa: E402
+from curation.convert import Uint8Converter  # noqa: E402
 from curation.filters import FEATURE_NAMES, StatsFilter, patch_features, train_logistic_filter  # noqa: E402
 
 P = 224
@@ -47,16 +49,7 @@ P = 224
 
 def cut_patches(img: np.ndarray, p: int = P) -> tuple[np.ndarray, np.ndarray]:
     """Tile a 2D uint8 image from the top-left; edge patches truncated and zero-padded."""
-    h, w = img.shape
-    out, sizes = [], []
-    for y in range(0, h, p):
-        for x in range(0, w, p):
-            t = img[y : y + p, x : x + p]
-            pad = np.zeros((p, p), np.uint8)
-            pad[: t.shape[0], : t.shape[1]] = t
-            out.append(pad)
-            sizes.append(t.shape)
-    return np.stack(out), np.asarray(sizes, dtype=np.int64)
+    return cut_tiles(img, p, edge="truncate")
 
 
 def cut_many(imgs: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +65,8 @@ def read_grey(path: Path) -> np.ndarray:
 
 def to_uint8_minmax(a: np.ndarray) -> np.ndarray:
     """Generic min-max rule (what a reader does with a label volume of unknown dtype)."""
-    a = np.asarray(a, dtype=np.float64)
-    lo, hi = a.min(), a.max()
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+    a = np.asarray(a)
+    return Uint8Converter.fit(a, a.dtype, "minmax")(a)
 
 
 def to_uint8_percentile(a: np.ndarray, lo_q: float = 0.5, hi_q: float = 99.5) -> np.ndarray:

@@ -1,7 +1,15 @@
-"""Shared fixtures. Tests run on the real public EM data in ``../shared/data``.
+"""Shared fixtures, and the two test tiers.
 
-The data folder is required: a missing folder is an error, never a skip (CI must fail, not pass
-vacuously). ``CEMNET_SHARED_DATA`` may point elsewhere.
+* **data tier** (the default, never skipped in CI): tests on the real public EM data in
+  ``../shared/data`` (``CEMNET_SHARED_DATA`` may point elsewhere). Every test that uses the
+  ``shared_data`` fixture, directly or through another fixture (``small_corpus``...), is marked
+  ``data`` here automatically; a test that reaches the data another way is marked by hand.
+* **pure tier**: everything else (losses, queue, keys/meta, MMD, sampling, patching, hashing on
+  arrays, metrics, masks, tiling...). ``pytest -m "not data"`` runs it on a machine without the
+  data folder.
+
+When the data folder is missing and any selected test needs it, the session is an error before
+any test runs (CI must fail, not pass vacuously); a pure-tier selection runs without it.
 """
 
 from __future__ import annotations
@@ -13,13 +21,29 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CEMNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+DATA_FIXTURE = "shared_data"
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if not (SHARED_DATA / "README.md").is_file():
+def data_available() -> bool:
+    return (SHARED_DATA / "README.md").is_file()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``data`` every test whose fixture closure reaches ``shared_data``."""
+    for item in items:
+        if DATA_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After selection: a selected data-tier test without the data folder is an error."""
+    needing = [item for item in session.items if item.get_closest_marker("data")]
+    if needing and not data_available():
         raise pytest.UsageError(
             f"real test data not found at {SHARED_DATA} (expected ../shared/data next to the repo, "
-            "or set CEMNET_SHARED_DATA)"
+            f"or set CEMNET_SHARED_DATA); {len(needing)} selected test(s) need it, e.g. "
+            f"{needing[0].nodeid}. Only the pure tier runs without it: pytest -m \"not data\""
         )
 
 

@@ -10,9 +10,8 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,57 +20,13 @@ import yaml
 from cemnet.benchmarks.download import LOCK_NAME
 from cemnet.benchmarks.registry import get_benchmark
 from cemnet.cli import main
-
-
-class _Server:
-    """Serves ``files`` (path -> bytes) with HTTP Range; ``truncate_once`` paths send half their
-    body once (full Content-Length, then the connection closes)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.truncate_once: set[str] = set()
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # noqa: ANN002
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if self.path in server.truncate_once:
-                    server.truncate_once.discard(self.path)
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from helpers import FileServer, serving
 
 
 @pytest.fixture()
-def server():
-    s = _Server()
-    yield s
-    s.close()
+def server() -> Iterator[FileServer]:
+    with serving(FileServer()) as s:
+        yield s
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
@@ -106,9 +61,9 @@ def _download(name: str, data_dir: Path, registry: Path) -> int:
 def test_github_zip_via_mirror_lock_and_verify(server, shared_data: Path, tmp_path: Path, capsys) -> None:
     commit = get_benchmark("cdeep3m_mito").download[0]["member"].split("/")[0].removeprefix("cdeep3m-")
     archive = _cdeep3m_github_zip(shared_data, commit)
-    server.files[f"/cdeep3m/{commit}.zip"] = archive
+    server.files[f"cdeep3m/{commit}.zip"] = archive
     member = get_benchmark("cdeep3m_mito").download[0]["member"]
-    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": f"{server.url}/cdeep3m/{commit}.zip", "member": member}])
+    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": server.url(f"cdeep3m/{commit}.zip"), "member": member}])
     data = tmp_path / "data"
 
     assert _download("cdeep3m_mito", data, reg) == 0
@@ -119,9 +74,9 @@ def test_github_zip_via_mirror_lock_and_verify(server, shared_data: Path, tmp_pa
     assert lock["files"][f"{commit}.zip"]["size"] == len(archive) and lock["files"][f"{commit}.zip"]["sha256"] == sha
     assert (data / "training" / "images").is_dir() and not (data / "README.md").exists()  # member only
 
-    n = len(server.requests)
+    n = len(server.log)
     assert _download("cdeep3m_mito", data, reg) == 0  # verified against the lock, nothing fetched
-    assert len(server.requests) == n
+    assert len(server.log) == n
 
     kept = data / ".downloads" / f"{commit}.zip"
     kept.write_bytes(kept.read_bytes() + b"x")  # a corrupted copy
@@ -133,9 +88,9 @@ def test_github_zip_via_mirror_lock_and_verify(server, shared_data: Path, tmp_pa
 def test_truncated_download_resumes_with_range(server, shared_data: Path, tmp_path: Path, capsys) -> None:
     commit = "0" * 40
     archive = _cdeep3m_github_zip(shared_data, commit)
-    server.files["/a.zip"] = archive
-    server.truncate_once.add("/a.zip")
-    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": f"{server.url}/a.zip", "member": f"cdeep3m-{commit}/mito_testsample"}])
+    server.files["a.zip"] = archive
+    server.faults = ["truncate"]  # the first request gets half the body
+    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": server.url("a.zip"), "member": f"cdeep3m-{commit}/mito_testsample"}])
     data = tmp_path / "data"
 
     assert _download("cdeep3m_mito", data, reg) == 1
@@ -146,21 +101,21 @@ def test_truncated_download_resumes_with_range(server, shared_data: Path, tmp_pa
     assert 0 < kept <= len(archive) // 2 and not (data / LOCK_NAME).exists()
 
     assert _download("cdeep3m_mito", data, reg) == 0
-    assert server.requests[-1] == ("/a.zip", f"bytes={kept}-")  # resumed, not restarted
+    assert server.log[-1] == ("/a.zip", f"bytes={kept}-", 206)  # resumed, not restarted
     lock = json.loads((data / LOCK_NAME).read_text(encoding="utf-8"))
     assert lock["files"]["a.zip"]["sha256"] == hashlib.sha256(archive).hexdigest() and not part.exists()
 
 
 def test_wrong_archive_and_wrong_layout_are_reported(server, shared_data: Path, tmp_path: Path, capsys) -> None:
-    server.files["/page.zip"] = b"<html>Moved to a new site</html>"
-    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": f"{server.url}/page.zip"}])
+    server.files["page.zip"] = b"<html>Moved to a new site</html>"
+    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": server.url("page.zip")}])
     assert _download("cdeep3m_mito", tmp_path / "d1", reg) == 1
     assert "not a zip archive" in capsys.readouterr().err
 
     # a real archive, but of another benchmark: the loader's layout check names what is missing
     gala = shared_data / "gala_fibsem_crops"
-    server.files["/other.zip"] = _zip({f"x/{f.name}": f.read_bytes() for f in sorted(gala.glob("*-image.h5"))})
-    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": f"{server.url}/other.zip", "member": "x"}])
+    server.files["other.zip"] = _zip({f"x/{f.name}": f.read_bytes() for f in sorted(gala.glob("*-image.h5"))})
+    reg = _registry(tmp_path, "cdeep3m_mito", [{"url": server.url("other.zip"), "member": "x"}])
     assert _download("cdeep3m_mito", tmp_path / "d2", reg) == 1
     err = capsys.readouterr().err
     assert "layout check failed for cdeep3m_mito" in err and "training" in err and "Traceback" not in err
@@ -179,8 +134,8 @@ def test_path_traversal_is_refused_before_writing(server, tmp_path: Path, kind: 
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
         body = buf.getvalue()
-    server.files[f"/evil.{kind}"] = body
-    reg = _registry(tmp_path, "gala", [{"url": f"{server.url}/evil.{kind}"}])
+    server.files[f"evil.{kind}"] = body
+    reg = _registry(tmp_path, "gala", [{"url": server.url(f"evil.{kind}")}])
     data = tmp_path / "deep" / "data"
     assert _download("gala", data, reg) == 1
     err = capsys.readouterr().err
@@ -197,12 +152,12 @@ def test_github_tarball_and_registry_checksum(server, shared_data: Path, tmp_pat
             if "-image" in f.name or "-gt" in f.name:
                 tf.add(f, arcname=f"{member}/{f.name}")
     body = buf.getvalue()
-    server.files["/gala.tar.gz"] = body
-    bad = _registry(tmp_path, "gala", [{"url": f"{server.url}/gala.tar.gz", "member": member, "sha256": "0" * 64}])
+    server.files["gala.tar.gz"] = body
+    bad = _registry(tmp_path, "gala", [{"url": server.url("gala.tar.gz"), "member": member, "sha256": "0" * 64}])
     assert _download("gala", tmp_path / "bad", bad) == 1
     assert "hash" in capsys.readouterr().err.lower()
 
-    good = _registry(tmp_path, "gala", [{"url": f"{server.url}/gala.tar.gz", "member": member,
+    good = _registry(tmp_path, "gala", [{"url": server.url("gala.tar.gz"), "member": member,
                                          "sha256": hashlib.sha256(body).hexdigest()}])
     assert _download("gala", tmp_path / "good", good) == 0
     assert "instance3d" in capsys.readouterr().out
@@ -216,8 +171,8 @@ def test_isbi_publisher_layout_is_renamed_for_the_loader(server, shared_data: Pa
         files[f"{entry['member']}/train/image/{i}.png"] = (src / "train" / "images" / f"{i}.png").read_bytes()
         files[f"{entry['member']}/train/label/{i}.png"] = (src / "train" / "labels" / f"{i}.png").read_bytes()
         files[f"{entry['member']}/test/{i}.png"] = (src / "test" / "images" / f"{i}.png").read_bytes()
-    server.files["/unet.zip"] = _zip(files)
-    reg = _registry(tmp_path, "isbi2012", [{**entry, "url": f"{server.url}/unet.zip"}])
+    server.files["unet.zip"] = _zip(files)
+    reg = _registry(tmp_path, "isbi2012", [{**entry, "url": server.url("unet.zip")}])
     data = tmp_path / "isbi"
     assert _download("isbi2012", data, reg) == 0
     assert sorted(p.name for p in (data / "train" / "images").iterdir()) == ["0.png", "1.png", "2.png"]

@@ -103,6 +103,7 @@ def test_affinity_loss_mask_counts_crossing_targets(shared_data: Path) -> None:
     assert m[0, 3].sum() == 256 - 32  # foreground counts everywhere outside the pasted box
 
 
+@pytest.mark.slow
 def test_train_affinities_and_cli(shared_data: Path, tmp_path: Path) -> None:
     d = load_benchmark("gala", shared_data)
     cfg = InstanceConfig(iterations=3, batch_size=1, crop=(8, 32, 32), base_width=8, mix="both", mix_prob=1.0)

@@ -37,6 +37,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_short_finetune_beats_untrained(isbi: BenchmarkData) -> None:
     res = finetune(isbi, "random", dataclasses.replace(TINY, eval_at=(0,)))
     start, end = res.history[0], res.final
@@ -63,6 +64,7 @@ def test_freeze_modes(isbi: BenchmarkData, export: Path) -> None:
         set_trainable(model, "layer9")
 
 
+@pytest.mark.slow
 def test_predict_orthoplane_3d() -> None:
     model, _ = build_model("random", 3, TINY)  # 2 classes + background
     vol = np.random.default_rng(0).integers(0, 255, (6, 20, 24), dtype=np.uint8)
@@ -76,6 +78,7 @@ def test_predict_orthoplane_3d() -> None:
     assert 0 <= res.final["iou"] <= 1
 
 
+@pytest.mark.slow
 def test_label_efficiency_cli_end_to_end(tmp_path: Path, shared_data: Path, export: Path) -> None:
     out = tmp_path / "bench"
     rc = cemnet_main([

@@ -8,7 +8,6 @@ an exact construction (constant patch, a corrupt file) and say so.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from cemnet.segment.tiling import cut_tiles
+from curation.convert import Uint8Converter
 from curation.filters import (
     FEATURE_NAMES,
     Cem500kClassifierFilter,
@@ -29,6 +30,7 @@ from curation.filters import (
     read_label_csv,
     train_logistic_filter,
 )
+from helpers import read_grey as grey
 
 P = 224
 
@@ -38,18 +40,21 @@ P = 224
 # --------------------------------------------------------------------------------------------
 
 
-def _load_threshold_study():
-    """The script that chose the StatsFilter thresholds: the tests cut and read real data with
-    its very helpers, so they check the defaults the way they were derived."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "filter_thresholds.py"
-    spec = importlib.util.spec_from_file_location("filter_thresholds", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cut_patches(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Patches of one image as the threshold study (benchmarks/filter_thresholds.py) cut them:
+    the library's tiler from the top-left, truncated edge patches zero-padded."""
+    return cut_tiles(img, P, edge="truncate")
 
 
-_study = _load_threshold_study()
-cut_patches, cut_many, grey, minmax_u8 = _study.cut_patches, _study.cut_many, _study.read_grey, _study.to_uint8_minmax
+def cut_many(imgs) -> tuple[np.ndarray, np.ndarray]:
+    patches, sizes = zip(*(cut_patches(i) for i in imgs))
+    return np.concatenate(patches), np.concatenate(sizes)
+
+
+def minmax_u8(a: np.ndarray) -> np.ndarray:
+    """The min-max uint8 rule a reader applies to a label volume of unknown dtype."""
+    a = np.asarray(a)
+    return Uint8Converter.fit(a, a.dtype, "minmax")(a)
 
 
 def pad_to(crop: np.ndarray, fill: int | np.ndarray = 0) -> np.ndarray:

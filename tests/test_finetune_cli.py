@@ -36,6 +36,7 @@ def _run(isbi5: tuple[Path, Path], out: Path, *extra: str) -> int:
                         "--iterations", "4", "--val-every", "2", "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_self_describing_model_that_reproduces_its_score(isbi5: tuple[Path, Path], tmp_path: Path) -> None:
     from cemnet.benchmarks.masks import MaskSemantics
     from cemnet.finetune.data import load_finetune_data

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 # notebooks that train a model (tens of seconds to minutes on 2 CPU cores)
-SLOW = {"finetune_and_segment.ipynb"}
+SLOW = {"finetune_and_segment.ipynb", "benchmark_quickstart.ipynb"}
 
 
 def test_expected_notebooks_present():

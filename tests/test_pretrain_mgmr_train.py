@@ -90,6 +90,7 @@ def _run_cli(config: str, run_dir: Path, *overrides: str) -> dict:
     return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_path: Path) -> None:
     corpus = shared_data / "cem500k_example_patches" / "occlusion"
     ckpt = _run_cli("tiny_mgmr_2d_cpu.yaml", tmp_path / "run", f"--data.init_args.corpus={corpus}",
@@ -112,6 +113,7 @@ def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_
     _check_export(tmp_path / "run", enc)
 
 
+@pytest.mark.slow
 def test_tiny_3d_config_runs_and_build_encoder3d_loads_strictly(shared_data: Path, tmp_path: Path) -> None:
     volumes = {
         "neuroproof": {"path": str(shared_data / "neuroproof_fibsem_medulla" / "training_sample2" / "grayscale_maps"), "stack": True},

@@ -133,6 +133,7 @@ def test_few_steps_on_cpu_log_queue_logits_throughput_and_view_pairs(corpus, tmp
     assert model.mean == pytest.approx(corpus.mean) and model.corpus_fingerprint == corpus.fingerprint
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_overfitting_a_small_set(corpus):
     """16 real patches, views differing by flips (full-patch crops): memorisation must work.
 
@@ -167,6 +168,7 @@ def _training_state(trainer: pl.Trainer, model: MoCoV2) -> dict[str, torch.Tenso
                 kenc=next(model.backbone_momentum.parameters()).clone())
 
 
+@pytest.mark.slow
 def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     seen_a: list[list[int]] = []
@@ -207,6 +209,7 @@ def test_resume_restores_queue_optimizer_schedule_and_data_position(corpus, tmp_
     assert trainer_b.global_step == 6 and int(model_b.memory_bank.n_enqueued) == 6 * 16
 
 
+@pytest.mark.slow
 def test_momentum_encoder_moves_only_on_optimizer_steps(corpus):
     changes: dict[int, bool] = {}
 
@@ -329,6 +332,7 @@ def test_checkpoint_records_whole_epochs_trained_not_the_epoch_index(corpus, tmp
     assert meta["global_step"] == 4 and meta["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     class Diverging(MoCoV2):
         def training_step(self, batch, batch_idx):
@@ -349,6 +353,7 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(corpus, tmp_path)
 
 
 # -- CLI -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_tiny_config_runs_checkpoints_and_resumes(small_corpus, tmp_path, monkeypatch):
     from cemnet.methods.cli import main
 

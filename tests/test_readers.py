@@ -20,6 +20,7 @@ from PIL import Image
 
 from curation.manifest import ReaderError, SourceSpec, natural_sorted
 from curation.readers import describe, discover, load_manifest, open_volume
+from helpers import read_grey as pil_grey
 
 NP_DIR = "neuroproof_fibsem_medulla/training_sample2/grayscale_maps"
 TILE = "muvis_align_sem_tiles/tiff_uint16/S000/000_001_0.tiff"
@@ -32,10 +33,6 @@ def sha(a: np.ndarray) -> str:
 
 def stats(root: Path, folder: str) -> dict:
     return json.loads((root / folder / "STATS.json").read_text())
-
-
-def pil_grey(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"))
 
 
 def read_all(spec) -> np.ndarray:

@@ -32,6 +32,7 @@ from torch import nn
 
 from cemnet.benchmarks.datasets import IGNORE, BenchmarkData, Sample
 from cemnet.benchmarks.train import dataset_norm, training_slices
+from cemnet.segment.tiling import tile_starts
 
 __all__ = ["ProbeSet", "ProbeConfig", "make_probe_set", "probe_encoder", "probe_features", "encoder_features",
            "summarize_scores", "plot_probe_history"]
@@ -77,7 +78,7 @@ def _tiles(samples: Sequence[Sample], tile: int, count: int, foreground: int, rn
     """``count`` distinct grid tiles (drawn by ``rng``) of the 2D slices of ``samples``."""
     slices = training_slices(samples)
     where = [(i, y, x) for i, s in enumerate(slices)
-             for y in range(0, s.image.shape[0] - tile + 1, tile) for x in range(0, s.image.shape[1] - tile + 1, tile)]
+             for y in tile_starts(s.image.shape[0], tile, edge="drop") for x in tile_starts(s.image.shape[1], tile, edge="drop")]
     if not where:
         raise ValueError(f"{name}: no {tile} px tile fits in its images ({sorted({s.image.shape for s in slices})}); "
                          "use a smaller --tile")

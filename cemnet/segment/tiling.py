@@ -12,6 +12,13 @@ Two levels of cutting, both regular grids:
 The tile grid is the volume's, not the block's: a block reads exactly the tiles that weigh on its
 output, whole, so a volume cut into blocks gets bit-for-bit the same result as one block holding
 the whole volume (only the memory differs).
+
+This is the project's one tiler: the benchmarks' probe tiles and the filter-threshold study's
+patches use :func:`tile_starts` / :func:`cut_tiles` with the ``edge`` rule they need (``flush``:
+the last tile moved back to end at the border, as inference needs; ``truncate``: a shorter last
+tile, zero-padded by :func:`cut_tiles`; ``drop``: whole tiles only). The curation pipeline's
+patch grid (``curation/patching.py``) stays in ``curation``, which imports no ``cemnet`` package:
+it is CEM500K's rule (an edge strip counts from half a patch), not a tiling of this kind.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BLENDS", "tile_starts", "blend_window", "AxisGrid", "Block", "plan_blocks", "max_read_voxels", "grid_tiles"]
+__all__ = ["BLENDS", "EDGES", "tile_starts", "cut_tiles", "blend_window", "AxisGrid", "Block", "plan_blocks", "max_read_voxels", "grid_tiles"]
 
 BLENDS = ("gaussian", "linear")
 # Smallest Gaussian weight relative to the centre: a voxel seen by one tile only (a volume border)
@@ -31,13 +38,47 @@ BLENDS = ("gaussian", "linear")
 _MIN_WEIGHT = 1e-3
 
 
-def tile_starts(length: int, tile: int, halo: int) -> list[int]:
-    """Start of every tile along one axis: step ``tile - 2 * halo``, the last tile flush with the end."""
+EDGES = ("flush", "truncate", "drop")
+
+
+def tile_starts(length: int, tile: int, halo: int = 0, edge: str = "flush") -> list[int]:
+    """Start of every tile along one axis, stepping ``tile - 2 * halo`` from 0.
+
+    ``edge`` says what happens where the steps do not end exactly at ``length``: ``flush`` moves
+    the last tile back so it ends at ``length`` (an axis shorter than a tile gets one tile at 0);
+    ``truncate`` keeps a shorter last tile (the caller clips it at ``length``); ``drop`` keeps
+    whole tiles only (none when the axis is shorter than a tile).
+    """
+    if edge not in EDGES:
+        raise ValueError(f"unknown tile edge rule {edge!r}; choose from {', '.join(EDGES)}")
+    step = max(1, tile - 2 * halo)
+    if edge == "drop":
+        return list(range(0, length - tile + 1, step))
+    if edge == "truncate":
+        return list(range(0, max(length - tile, 0) + step, step))  # until a tile reaches the end
     if length <= tile:
         return [0]
-    step = max(1, tile - 2 * halo)
     starts = list(range(0, length - tile, step))
     return starts + [length - tile]
+
+
+def cut_tiles(image: np.ndarray, tile: int, edge: str = "truncate") -> tuple[np.ndarray, np.ndarray]:
+    """A 2D image cut into the non-overlapping ``tile`` x ``tile`` grid from its top-left corner.
+
+    Returns (tiles ``(n, tile, tile)`` of the image's dtype, sizes ``(n, 2)`` int64 of the true
+    (height, width) of each tile); with ``edge="truncate"`` the shorter edge tiles are zero-padded
+    and their sizes say so.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"cut_tiles expects a 2D image, got shape {image.shape}")
+    ys, xs = (tile_starts(n, tile, 0, edge) for n in image.shape)
+    tiles = np.zeros((len(ys) * len(xs), tile, tile), image.dtype)
+    sizes = np.empty((len(tiles), 2), np.int64)
+    for i, (y, x) in enumerate(itertools.product(ys, xs)):
+        part = image[y: y + tile, x: x + tile]
+        tiles[i, : part.shape[0], : part.shape[1]] = part
+        sizes[i] = part.shape
+    return tiles, sizes
 
 
 def _axis_window(size: int, halo: int, low_border: bool, high_border: bool, kind: str) -> np.ndarray:
