@@ -97,6 +97,33 @@ def test_key_queue_is_a_persistent_ring():
     assert same.stats()["key_cos"] == pytest.approx(1.0, abs=1e-5)  # collapsed keys -> cosine 1
 
 
+def test_negatives_are_real_keys_once_there_are_any():
+    """While the ring fills, its random initial vectors are no negatives (they are orthogonal to
+    every query and reward pulling all projections together): the loss sees real keys only."""
+    qu = KeyQueue(8, 4)
+    torch.testing.assert_close(qu.snapshot(), qu.keys)  # first step: nothing real yet (as MoCo)
+    a, b = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(7, 4), dim=1)
+    qu.enqueue(a)
+    snap = qu.snapshot()
+    assert snap.shape == (3, 4) and sorted(snap.sum(1).tolist()) == pytest.approx(sorted(a.sum(1).tolist()))
+    qu.enqueue(b)  # wraps: full ring, every row real
+    torch.testing.assert_close(qu.snapshot(), qu.keys)
+    qu.keys[0] = 0  # a snapshot is a copy
+    assert qu.snapshot().data_ptr() != qu.keys.data_ptr()
+
+
+def test_key_rank_tells_a_shared_direction_from_collapse():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 16, generator=g)
+    offset = KeyQueue(256, 16)  # a large shared direction plus isotropic spread: high key_cos, full rank
+    offset.enqueue(F.normalize(spread * 0.15 + torch.ones(16), dim=1))
+    line = KeyQueue(256, 16)  # keys varying along one direction only: collapse
+    line.enqueue(F.normalize(torch.ones(16) + torch.randn(256, 1, generator=g) * torch.eye(16)[0], dim=1))
+    so, sl = offset.stats(), line.stats()
+    assert so["key_cos"] > 0.9 and so["key_rank"] > 12
+    assert sl["key_rank"] < 2
+
+
 def test_lr_schedules():
     # CEM500K: x0.1 at epochs 120 and 160 of 200, applied at whole epochs
     assert lr_factor(119.99, "step", 200, (120, 160)) == 1.0

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 from pathlib import Path
 
 
@@ -28,6 +29,29 @@ __all__ = ["main", "build_parser"]
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every option with its default; descriptions and epilogs kept as written."""
+
+
+def add_encoder_lever_options(g: argparse._ArgumentGroup) -> None:
+    """The pretrained-encoder fine-tuning levers (``cemnet finetune`` and ``cemnet benchmark``
+    share them; :class:`cemnet.finetune.engine.FinetuneModule` implements them). All off by default."""
+    g.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="encoder peak learning rate as a fraction of --lr (e.g. 0.1; the decoder keeps --lr)")
+    g.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise decay: each encoder stage below the deepest trains at this x the next one's lr")
+    g.add_argument("--freeze-encoder-iterations", type=int, default=0, metavar="N",
+                   help="warm-up: the encoder (weights and BatchNorm statistics) is frozen for the first N iterations")
+
+
+def encoder_lever_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed :func:`add_encoder_lever_options` as config fields (one error message for bad values)."""
+    if args.encoder_lr_scale < 0:
+        raise ValueError(f"--encoder-lr-scale must be >= 0, got {args.encoder_lr_scale}")
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.freeze_encoder_iterations < 0:
+        raise ValueError(f"--freeze-encoder-iterations must be >= 0, got {args.freeze_encoder_iterations}")
+    return {"encoder_lr_scale": args.encoder_lr_scale, "layer_decay": args.layer_decay,
+            "freeze_encoder_iterations": args.freeze_encoder_iterations}
 
 
 def add_mask_options(g: argparse._ArgumentGroup) -> None:
@@ -63,6 +87,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="architecture of 'random' encoders (default: that of the pretrained encoders of the same "
                         "run, else resnet50; instance 2d/3d modes: resnet18 / cemnet3d_res_tiny)")
     m.add_argument("--freeze", default="none", help="none | encoder | a stage name (layer3): freeze below it")
+    add_encoder_lever_options(m)
     m.add_argument("--train-fraction", type=float, nargs="+", default=[1.0], help="labelled fractions to sweep")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="random seeds (one run per seed)")
     m.add_argument("--iterations", type=int, default=2500, help="fine-tuning iterations per run")
@@ -177,7 +202,7 @@ def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
         for seed in args.seeds:
             cfg = InstanceConfig(encoder=f"random:{random_arch}" if enc == "random" else enc, mode=args.affinity_mode, iterations=args.iterations,
                                  batch_size=max(1, args.batch_size), max_lr=args.lr, weight_decay=args.weight_decay,
-                                 seed=seed, mix=args.mix, device=args.device)
+                                 **encoder_lever_values(args), seed=seed, mix=args.mix, device=args.device)
             target = data.test[0].image if args.mix != "none" else None
             from cemnet.benchmarks.instance import train_affinities
 
@@ -221,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.benchmark == "info":
             return _info(args.name)
+        encoder_lever_values(args)  # bad values: one message before any data is read
         data = _load(args)
     except (FileNotFoundError, NotADirectoryError, MaskError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError quotes its text
@@ -239,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     from cemnet.benchmarks.train import FinetuneConfig
 
     cfg = FinetuneConfig(iterations=args.iterations, batch_size=args.batch_size, crop_size=args.crop_size, max_lr=args.lr,
-                         weight_decay=args.weight_decay, freeze=args.freeze, arch=args.arch, base_width=args.base_width,
-                         eval_at=tuple(args.eval_at), orthoplane=args.orthoplane, device=args.device)
+                         weight_decay=args.weight_decay, freeze=args.freeze, **encoder_lever_values(args), arch=args.arch,
+                         base_width=args.base_width, eval_at=tuple(args.eval_at), orthoplane=args.orthoplane, device=args.device)
     res = run_sweep(data, args.encoders, args.train_fraction, args.seeds, cfg, out, overlay_count=args.overlays,
                     overlay_images=args.overlay_images)
     print(res.table.read_text(encoding="utf-8"))

@@ -368,6 +368,9 @@ class InstanceConfig:
     crop: tuple[int, int, int] = (16, 64, 64)
     max_lr: float = 3e-3
     weight_decay: float = 0.1
+    encoder_lr_scale: float = 1.0  # encoder levers, as in benchmarks.train.FinetuneConfig
+    layer_decay: float = 1.0
+    freeze_encoder_iterations: int = 0
     base_width: int = 32
     seed: int = 0
     mix: str = "none"  # "none" | "amplitude" | "cutmix" | "both": domain mixing with `target`
@@ -509,15 +512,19 @@ def train_affinities(train: Sequence[Sample], cfg: InstanceConfig, target: np.nd
     on the shared engine (:mod:`cemnet.finetune.engine`); ``evaluate(model) -> metrics`` is run
     at ``eval_at`` steps and at the end when given, its rows appended to ``history``; the other
     keyword arguments are those of :func:`cemnet.benchmarks.train.finetune`. Returns the model and
-    the (mean, std) input normalisation for :func:`predict_affinities`."""
+    the (mean, std) input normalisation for :func:`predict_affinities`: the pretrained encoder's
+    recorded one, else the training volumes' (:func:`instance_norm`)."""
+    from cemnet.benchmarks.train import encoder_levers, encoder_norm
     from cemnet.finetune.engine import FinetuneModule, PeriodicEvaluation, StepHook, fit
 
     torch.manual_seed(cfg.seed)
     model = build_instance_model(cfg)
-    norm = instance_norm(train)
+    # a pretrained encoder sees inputs scaled as in its pretraining; random init: the data's own
+    norm = encoder_norm(model.encoder) or instance_norm(train)
     if setup is not None:
         setup(model, norm)
-    module = FinetuneModule(model, masked_bce, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay)
+    module = FinetuneModule(model, masked_bce, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay,
+                            **encoder_levers(cfg))
     t0 = time.perf_counter()
     hooks: list[Any] = [StepHook(lambda it, loss: (it % 50 == 0) and log.info(
         "affinity iteration %d loss %.4f (%.0f s)", it, loss, time.perf_counter() - t0))]

@@ -30,7 +30,8 @@ from cemnet.benchmarks.datasets import IGNORE, BenchmarkData, Sample
 from cemnet.benchmarks.metrics import iou_2d, iou_3d, isbi_scores, precision_recall_f1
 from cemnet.finetune.engine import FinetuneModule, PeriodicEvaluation, StepHook, fit
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "build_model", "finetune", "predict", "evaluate", "set_trainable"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "build_model", "finetune", "predict", "evaluate", "set_trainable",
+           "encoder_levers", "encoder_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class FinetuneConfig:
     max_lr: float = 3e-3
     weight_decay: float = 0.1
     freeze: str = "none"  # "none" | "encoder" | a stage name ("layer3"): frozen below it
+    # levers for a pretrained encoder (cemnet.finetune.engine): 1 / 1 / 0 = off
+    encoder_lr_scale: float = 1.0  # encoder peak lr = max_lr x this
+    layer_decay: float = 1.0  # x this per encoder stage below the deepest
+    freeze_encoder_iterations: int = 0  # encoder frozen for the first N iterations
     arch: str | None = "resnet50"  # encoder architecture for random init
     base_width: int = 256
     seed: int = 0
@@ -87,11 +92,17 @@ def build_model(encoder: str, out_channels: int, cfg: FinetuneConfig) -> tuple[n
         module = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1)
         return UNet(module, out_channels, base_width=cfg.base_width), None
     model = UNet(encoder, out_channels, in_chans=1, base_width=cfg.base_width)
-    meta = getattr(model.encoder, "cemnet_meta", None)
-    norm = None
-    if meta is not None and meta.mean and meta.std:
-        norm = (float(np.mean(meta.mean)), float(np.mean(meta.std)))
-    return model, norm
+    return model, encoder_norm(model.encoder)
+
+
+def encoder_norm(encoder: nn.Module) -> tuple[float, float] | None:
+    """The (mean, std) input normalisation a pretrained encoder recorded (its ``cemnet_meta``, the
+    pretraining corpus's statistics on the [0, 1] scale), or ``None`` (random init, or weights
+    that record none). Fine-tuning must feed the encoder inputs scaled as in pretraining."""
+    meta = getattr(encoder, "cemnet_meta", None)
+    if meta is None or not meta.mean or not meta.std:
+        return None
+    return float(np.mean(meta.mean)), float(np.mean(meta.std))
 
 
 def set_trainable(model: nn.Module, freeze: str) -> list[nn.Module]:
@@ -113,6 +124,13 @@ def set_trainable(model: nn.Module, freeze: str) -> list[nn.Module]:
         for p in m.parameters():
             p.requires_grad_(False)
     return frozen
+
+
+def encoder_levers(cfg: Any) -> dict[str, Any]:
+    """The :class:`~cemnet.finetune.engine.FinetuneModule` keyword arguments of the encoder levers
+    in a config (:class:`FinetuneConfig`, ``InstanceConfig``: the same three fields)."""
+    return {"encoder_lr_scale": cfg.encoder_lr_scale, "layer_decay": cfg.layer_decay,
+            "freeze_encoder_iterations": cfg.freeze_encoder_iterations}
 
 
 # --------------------------------------------------------------------------- data
@@ -313,7 +331,8 @@ def finetune(data: BenchmarkData, encoder: str, cfg: FinetuneConfig, train: Sequ
     slices = training_slices(train_samples, cfg.orthoplane)
     sampler = CropSampler(slices, cfg.crop_size, norm, cfg.augment, cfg.seed, batch_size=cfg.batch_size)
     loss_fn = make_loss(nc, slices, cfg.class_weights)
-    module = FinetuneModule(model, loss_fn, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay, frozen=frozen)
+    module = FinetuneModule(model, loss_fn, cfg.iterations, max_lr=cfg.max_lr, weight_decay=cfg.weight_decay, frozen=frozen,
+                            **encoder_levers(cfg))
     steps = sorted({i for i in cfg.eval_at if 0 < i < cfg.iterations} | {cfg.iterations})
     t0 = time.perf_counter()
 

@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cemnet.benchmarks.cli import _HelpFormatter, add_mask_options
+    from cemnet.benchmarks.cli import _HelpFormatter, add_encoder_lever_options, add_mask_options
 
     p = argparse.ArgumentParser(prog="cemnet finetune", formatter_class=_HelpFormatter,
                                 description="Fine-tune a segmentation model (U-Net on a pretrained or random encoder) "
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default=None,
                    help="architecture of a 'random' encoder (default resnet50; instance: resnet18 (2.5d) / cemnet3d_res_tiny (3d))")
     m.add_argument("--freeze", default="none", help="none | encoder | a stage name (layer3): freeze below it")
+    add_encoder_lever_options(m)
     m.add_argument("--iterations", type=int, default=500, help="training iterations")
     m.add_argument("--batch-size", type=int, default=8, help="crops per iteration")
     m.add_argument("--crop-size", type=int, default=224, help="crop side in px (instance: y and x)")
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cemnet finetune``; returns the exit status (2 with one message for bad input)."""
-    from cemnet.benchmarks.cli import mask_semantics
+    from cemnet.benchmarks.cli import encoder_lever_values, mask_semantics
     from cemnet.benchmarks.masks import MaskError
     from cemnet.finetune.data import DataError, load_finetune_data
     from cemnet.finetune.model_file import ModelFileError
@@ -94,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cemnet.finetune", "cemnet.benchmarks"):
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     dims = args.dims or ("2d" if args.task == "semantic" else "3d")
-    settings = FinetuneSettings(
+    try:
+        levers = encoder_lever_values(args)
+    except ValueError as err:
+        print(f"cemnet finetune: {err}", file=sys.stderr)
+        return 2
+    settings = FinetuneSettings(**levers,
         task=args.task, dims=dims, encoder=args.encoder, arch=args.arch, freeze=args.freeze, iterations=args.iterations,
         batch_size=args.batch_size, crop_size=args.crop_size, crop_z=args.crop_z, lr=args.lr,
         weight_decay=args.weight_decay, base_width=args.base_width, seed=args.seed, orthoplane=args.orthoplane,

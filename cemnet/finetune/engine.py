@@ -10,7 +10,13 @@
 * the **evaluation**: ``evaluate(model) -> metrics`` run at chosen steps by :class:`PeriodicEvaluation`.
 
 CEM500K's optimisation is fixed here once: AdamW + OneCycle (stepped every iteration), frozen
-encoder parts kept in eval mode (their BatchNorm statistics are pretrained). A sweep of dozens of
+encoder parts kept in eval mode (their BatchNorm statistics are pretrained). Three levers protect a
+pretrained encoder from the large early updates a random decoder sends into it (ULMFiT / BEiT
+practice), all off by default: a lower encoder learning rate (``encoder_lr_scale``), layer-wise
+decay over the encoder's stages (``layer_decay``) and a frozen-encoder warm-up
+(``freeze_encoder_iterations``); see :func:`encoder_param_groups` and :class:`FinetuneModule`.
+
+A sweep of dozens of
 short CPU runs uses a bare Trainer (no logger, checkpoint, progress bar or model summary);
 ``cemnet finetune`` adds those through ``logger`` / ``callbacks`` / ``progress``. The data
 position is part of a checkpoint (the generator state after the last *consumed* batch, not the
@@ -33,7 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cemnet.methods.checkpointing import AtomicCheckpointIO
 
-__all__ = ["BatchSource", "BatchStream", "StreamDataModule", "FinetuneModule", "PeriodicEvaluation", "StepHook", "fit", "accelerator"]
+__all__ = ["BatchSource", "BatchStream", "StreamDataModule", "FinetuneModule", "PeriodicEvaluation", "StepHook", "fit",
+           "accelerator", "encoder_param_groups"]
 
 # Lightning's advice for map-style datasets does not apply to an in-memory batch stream
 for _pattern in (".*does not have many workers.*", ".*log_every_n_steps.*", ".*IterableDataset.*__len__.*",
@@ -89,6 +96,38 @@ class StreamDataModule(pl.LightningDataModule):
         return DataLoader(self.stream, batch_size=None, num_workers=0)
 
 
+def encoder_param_groups(model: nn.Module, max_lr: float, encoder: nn.Module | None = None, *,
+                         encoder_lr_scale: float = 1.0, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups with per-group peak learning rates (trainable parameters only).
+
+    Everything outside ``encoder`` (the decoder, heads) trains at ``max_lr``. The encoder's direct
+    children (its stages in forward order: ``conv1, bn1, ..., layer4`` for a timm ResNet) train at
+    ``max_lr * encoder_lr_scale * layer_decay ** d``, ``d`` = stages between the child and the
+    deepest one (BEiT's layer-wise decay: the stem changes least). Each group carries its ``name``
+    (``decoder`` / ``encoder.<child>``) and ``lr``. Groups without trainable parameters are left out.
+    """
+    if encoder_lr_scale < 0 or not 0 < layer_decay <= 1:
+        raise ValueError(f"encoder_lr_scale must be >= 0 and 0 < layer_decay <= 1 (got {encoder_lr_scale}, {layer_decay})")
+    stages: list[tuple[str, nn.Module]] = list(encoder.named_children()) if encoder is not None else []
+    if encoder is not None and not stages:
+        stages = [("", encoder)]
+    in_encoder: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    for depth, (name, stage) in enumerate(reversed(stages)):
+        params = [p for p in stage.parameters() if p.requires_grad and id(p) not in in_encoder]
+        in_encoder.update(id(p) for p in stage.parameters())
+        if params:
+            lr = max_lr * encoder_lr_scale * layer_decay ** depth
+            groups.append({"params": params, "lr": lr, "name": f"encoder.{name}" if name else "encoder"})
+    if encoder is not None:  # parameters owned by the encoder module itself, outside its children
+        in_encoder.update(id(p) for p in encoder.parameters())
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_encoder]
+    groups.reverse()  # stem first, as the network runs
+    if rest:
+        groups.append({"params": rest, "lr": max_lr, "name": "decoder"})
+    return groups
+
+
 class FinetuneModule(pl.LightningModule):
     """Trains ``model`` with ``loss_fn`` (AdamW + OneCycle over ``total_steps``).
 
@@ -100,11 +139,19 @@ class FinetuneModule(pl.LightningModule):
         frozen: modules whose parameters are frozen; kept in eval mode while training.
         schedule: ``onecycle`` (CEM500K) or ``constant`` (``max_lr`` throughout: the short
             source-model runs of the transferability validation).
+        encoder: the pretrained part the levers below act on (default: ``model.encoder`` if any).
+        encoder_lr_scale: the encoder's peak learning rate as a fraction of ``max_lr`` (1: same).
+        layer_decay: per-stage factor of the encoder's learning rate, from the deepest stage down
+            (1: none; see :func:`encoder_param_groups`).
+        freeze_encoder_iterations: the encoder (its trainable part) is frozen, weights and
+            BatchNorm statistics, for the first N optimizer steps, so the decoder first learns
+            from pretrained features; then it joins the schedule where the schedule stands.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], total_steps: int, *,
                  max_lr: float = 3e-3, weight_decay: float = 0.1, frozen: Sequence[nn.Module] = (),
-                 schedule: str = "onecycle") -> None:
+                 schedule: str = "onecycle", encoder: nn.Module | None = None, encoder_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0, freeze_encoder_iterations: int = 0) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -114,6 +161,17 @@ class FinetuneModule(pl.LightningModule):
         if schedule not in ("onecycle", "constant"):
             raise ValueError(f"schedule {schedule!r}: expected 'onecycle' or 'constant'")
         self.schedule = schedule
+        # a plain reference, not a submodule: the weights stay under `model.` in state dicts
+        self._encoder_ref = (encoder if encoder is not None else getattr(model, "encoder", None),)
+        self.encoder_lr_scale, self.layer_decay = float(encoder_lr_scale), float(layer_decay)
+        if freeze_encoder_iterations < 0:
+            raise ValueError(f"freeze_encoder_iterations must be >= 0, got {freeze_encoder_iterations}")
+        if freeze_encoder_iterations and self.encoder is None:
+            raise ValueError("freeze_encoder_iterations needs a model with an `encoder` (or pass encoder=)")
+        self.freeze_encoder_iterations = int(freeze_encoder_iterations)
+        # the encoder parameters the warm-up freezes and then releases (not those frozen for good)
+        self._warmup_params = [p for p in self.encoder.parameters() if p.requires_grad] if self.freeze_encoder_iterations else []
+        self._encoder_warming = False
         self.running_loss = math.nan
         self.history: list[dict[str, Any]] = []  # evaluations so far (kept in checkpoints)
         self.stream: BatchStream | None = None
@@ -125,20 +183,46 @@ class FinetuneModule(pl.LightningModule):
     def training_step(self, batch: tuple[int, tuple[torch.Tensor, ...]], batch_idx: int) -> torch.Tensor:
         index, (x, *targets) = batch
         self._consumed = int(index)
+        self._set_encoder_warmup(self.global_step < self.freeze_encoder_iterations)
         for m in self.frozen:  # frozen BatchNorms keep their pretrained statistics
             m.eval()
+        if self._encoder_warming:
+            self.encoder.eval()
         loss = self.loss_fn(self.model(x), *targets)
         value = float(loss.detach())
         self.running_loss = value if math.isnan(self.running_loss) else 0.9 * self.running_loss + 0.1 * value
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=x.shape[0], prog_bar=True)
         return loss
 
+    @property
+    def encoder(self) -> nn.Module | None:
+        """The part of ``model`` the encoder levers act on."""
+        return self._encoder_ref[0]
+
+    def _set_encoder_warmup(self, warming: bool) -> None:
+        """Freeze (``True``) or release the warm-up's encoder parameters; a no-op without a warm-up.
+        Decided from ``global_step`` at every step, so a run resumed mid-warm-up is in the right state."""
+        if not self._warmup_params or warming == self._encoder_warming:
+            return
+        for p in self._warmup_params:
+            p.requires_grad_(not warming)  # no gradient: AdamW skips the parameter (no decay either)
+        if not warming:
+            self.encoder.train()
+        self._encoder_warming = warming
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (see :func:`encoder_param_groups`), built from what is
+        trainable at all: a parameter frozen only for the warm-up is included."""
+        self._set_encoder_warmup(False)
+        return encoder_param_groups(self.model, self.max_lr, self.encoder, encoder_lr_scale=self.encoder_lr_scale,
+                                    layer_decay=self.layer_decay)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.max_lr, weight_decay=self.weight_decay)
+        groups = self.param_groups()
+        opt = torch.optim.AdamW(groups, lr=self.max_lr, weight_decay=self.weight_decay)
         if self.schedule == "constant":
             return {"optimizer": opt}
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.max_lr, total_steps=max(self.total_steps, 2))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(self.total_steps, 2))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -56,6 +56,9 @@ class FinetuneSettings:
     encoder: str = "random"
     arch: str | None = None  # random encoders (default resnet50; instance: resnet18 / cemnet3d_res_tiny)
     freeze: str = "none"
+    encoder_lr_scale: float = 1.0  # encoder levers (cemnet.finetune.engine.FinetuneModule); 1 / 1 / 0 = off
+    layer_decay: float = 1.0
+    freeze_encoder_iterations: int = 0
     iterations: int = 500
     batch_size: int = 8
     crop_size: int = 224  # semantic crop side; instance crops are (crop_z, crop_size, crop_size)
@@ -319,6 +322,8 @@ def _run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetun
         state["random_arch"] = settings.arch or "resnet50"
         cfg = FinetuneConfig(iterations=settings.iterations, batch_size=settings.batch_size, crop_size=settings.crop_size,
                              max_lr=settings.lr, weight_decay=settings.weight_decay, freeze=settings.freeze,
+                             encoder_lr_scale=settings.encoder_lr_scale, layer_decay=settings.layer_decay,
+                             freeze_encoder_iterations=settings.freeze_encoder_iterations,
                              arch=state["random_arch"], base_width=settings.base_width, seed=settings.seed,
                              eval_at=tuple(steps), orthoplane=settings.orthoplane, device=settings.device, eval_batch=4)
         result = finetune(data, settings.encoder, cfg, on_result=on_result, setup=setup, **common)
@@ -333,7 +338,8 @@ def _run_finetune(data: BenchmarkData, record: dict[str, Any], settings: Finetun
         encoder = f"random:{state['random_arch']}" if settings.encoder == "random" else settings.encoder
         cfg_i = InstanceConfig(encoder=encoder, mode=mode, iterations=settings.iterations, batch_size=settings.batch_size,
                                crop=(settings.crop_z, settings.crop_size, settings.crop_size), max_lr=settings.lr,
-                               weight_decay=settings.weight_decay, base_width=settings.base_width, seed=settings.seed,
+                               weight_decay=settings.weight_decay, encoder_lr_scale=settings.encoder_lr_scale,
+                               layer_decay=settings.layer_decay, freeze_encoder_iterations=settings.freeze_encoder_iterations, base_width=settings.base_width, seed=settings.seed,
                                device=settings.device)
         history = []
         train_affinities(data.train, cfg_i, evaluate=lambda m: validation_scores(m, data, state["norm"], settings, voxel),
