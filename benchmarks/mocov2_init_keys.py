@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cemnet.data.augment import AugmentConfig
 from cemnet.data.datamodule import EMPatchDataModule
-from cemnet.methods.common import batch_shuffle, batch_unshuffle
+from lightly.models.utils import batch_shuffle, batch_unshuffle
 from cemnet.methods.mocov2 import MoCoV2
 
 
@@ -50,7 +50,7 @@ def batch_leak() -> None:
             out = []
             for xq, xk in batches:
                 q = F.normalize(m.projection_head(m.backbone(xq)), dim=1)
-                xs, un = batch_shuffle(xk, True)
+                xs, un = batch_shuffle(xk)  # in-device (one process)
                 k = F.normalize(batch_unshuffle(m.projection_head_momentum(m.backbone_momentum(xs)), un), dim=1)
                 out.append((q, k))
         pos, same, other = [], [], []
