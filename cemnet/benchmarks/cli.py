@@ -12,6 +12,7 @@ Examples::
     cemnet benchmark neuroproof --data-dir ../shared/data --encoders random --affinity-mode 2d
     cemnet benchmark probe random enc.safetensors --benchmark cdeep3m_mito --data-dir ../shared/data
     cemnet benchmark download lucchi_pp --data-dir data/lucchi_pp
+    cemnet benchmark study --benchmark cdeep3m_mito --data-dir ../shared/data --out runs/study_cdeep3m
 """
 
 from __future__ import annotations
@@ -124,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cemnet benchmark", description="Fine-tune and evaluate encoders on vEM benchmarks.",
                                 formatter_class=_HelpFormatter, epilog=__doc__.split("Examples::")[1])
     sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True,
-                           help="list | info | custom | probe | download | a registered benchmark name")
+                           help="list | info | custom | probe | study | download | a registered benchmark name")
     # probe and download have parsers of their own (see main); listed here so --help shows them
     sub.add_parser("probe", help="frozen-feature probe of encoders (cemnet benchmark probe --help)", add_help=False)
     sub.add_parser("download", help="fetch a registered benchmark, verified (cemnet benchmark download --help)",
                    add_help=False)
+    sub.add_parser("study", help="curate -> pretrain -> fine-tune pretrained vs random on a target (cemnet benchmark "
+                   "study --help)", add_help=False)
     sub.add_parser("list", help="registered benchmarks", description="List the registered benchmarks.",
                    formatter_class=_HelpFormatter)
     info = sub.add_parser("info", help="URL, sha256, licence, citation and layout of one benchmark",
@@ -222,7 +225,8 @@ def _run_instance(data, args: argparse.Namespace, out: Path) -> int:
 
 
 # `cemnet benchmark NAME ...` runs a benchmark; these names are commands with their own options
-_SUBCOMMANDS = {"probe": "cemnet.benchmarks.cli_probe", "download": "cemnet.benchmarks.cli_download"}
+_SUBCOMMANDS = {"probe": "cemnet.benchmarks.cli_probe", "download": "cemnet.benchmarks.cli_download",
+                "study": "cemnet.benchmarks.cli_study"}
 
 
 def _run_subcommand(name: str, argv: list[str]) -> int:
