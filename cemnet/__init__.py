@@ -1,7 +1,7 @@
 """cemnet: self-supervised pretraining for volume electron microscopy.
 
 Five jobs, one direction of data flow:
-curate (``curation``) -> pretrain (``cemnet.methods``) -> transfer (``cemnet.transfer``)
+curate (``curation``) -> pretrain (``cemnet.methods``) -> transfer (``cemnet.weights``)
 -> apply (``cemnet.finetune``, segmentation) -> benchmark (``cemnet.benchmarks``).
 """
 
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 __getattr__, _exports = lazy_exports(
     __name__,
     {
-        "load_encoder": "cemnet.transfer.load",
+        "load_encoder": "cemnet.weights.load",
         "load_model": "cemnet.finetune.model_file",
     },
 )

@@ -13,11 +13,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("curation.cli", "raw EM archives -> deduplicated, filtered 8-bit patch corpus"),
     "pretrain": ("cemnet.methods.cli", "self-supervised pretraining (LightningCLI: MoCoV2, MGMR)"),
-    "export": ("cemnet.transfer.cli_export", "export clean encoder weights from a run or checkpoint"),
-    "weights": ("cemnet.transfer.cli_weights", "list / inspect / download / publish pretrained weights"),
+    "export": ("cemnet.weights.cli_export", "export clean encoder weights from a run or checkpoint"),
+    "weights": ("cemnet.weights.cli", "list / inspect / download / publish pretrained weights"),
     "finetune": ("cemnet.finetune.cli", "train a segmentation model on your labels -> RUN/model.safetensors"),
     "benchmark": ("cemnet.benchmarks.cli", "fine-tune and evaluate on vEM benchmarks"),
-    "transfer": ("cemnet.transfer.cli_transfer", "rank sources by MMD, select patches to label"),
+    "transfer": ("cemnet.transferability.cli", "rank sources by MMD, select patches to label"),
     "segment": ("cemnet.segment.cli", "apply a saved model to a volume of any size, block by block"),
     "package": ("cemnet.share.cli_package", "export a saved model as a BioImage Model Zoo package"),
 }

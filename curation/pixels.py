@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from curation.convert import Uint8Converter
+from curation.to_uint8 import Uint8Converter
 from curation.corpus import (
     CorpusIndex,
     ReadOnlyIndex,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.convert import Uint8Converter
+from curation.to_uint8 import Uint8Converter
 from curation.patching import grid_starts
 from curation.settings import CurateSettings
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curation.convert import Uint8Converter, sample_image, sample_volume
+from curation.to_uint8 import Uint8Converter, sample_image, sample_volume
 from curation.corpus import atomic_save_npy, hash_to_db, shard_checksum
 from curation.hashing import dhash_batch
 from curation.patching import AXIS_DIM, extract_patches, patch_count, plan_planes, slice_indices

@@ -184,7 +184,7 @@ def test_2d_mode_adapts_pretrained_first_conv(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from cemnet.benchmarks.instance import build_instance_model
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.meta import EncoderMeta
 
     torch.manual_seed(0)
     enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)

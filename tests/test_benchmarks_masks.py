@@ -126,7 +126,7 @@ def test_random_follows_pretrained_arch(tmp_path: Path, caplog: pytest.LogCaptur
     from safetensors.torch import save_file
 
     from cemnet.benchmarks.sweep import resolve_random_arch
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.meta import EncoderMeta
 
     enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
     path = tmp_path / "tiny.safetensors"

@@ -15,7 +15,7 @@ from cemnet.benchmarks.datasets import BenchmarkData, Sample, load_benchmark
 from cemnet.benchmarks.sweep import markdown_table, read_csv
 from cemnet.benchmarks.train import FinetuneConfig, build_model, finetune, predict, set_trainable
 from cemnet.cli import main as cemnet_main
-from cemnet.transfer.meta import EncoderMeta
+from cemnet.weights.meta import EncoderMeta
 
 TINY = FinetuneConfig(iterations=40, batch_size=4, crop_size=128, arch="test_resnet", base_width=32, eval_batch=4)
 

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from curation.convert import ConversionError, Uint8Converter
+from curation.to_uint8 import ConversionError, Uint8Converter
 from curation.dedup import exemplar_mask, greedy_groups, greedy_groups_reference
 from curation.hashing import dhash_batch, dhash_reference, hamming, pack_bits, unpack_bits
 from curation.patching import anisotropy, extract_patches, grid_starts, plan_planes, slice_indices

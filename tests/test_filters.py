@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cemnet.segment.tiling import cut_tiles
-from curation.convert import Uint8Converter
+from curation.to_uint8 import Uint8Converter
 from curation.filters import (
     FEATURE_NAMES,
     Cem500kClassifierFilter,
@@ -41,7 +41,7 @@ P = 224
 
 
 def cut_patches(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Patches of one image as the threshold study (benchmarks/filter_thresholds.py) cut them:
+    """Patches of one image as the threshold study (perf/filter_thresholds.py) cut them:
     the library's tiler from the top-left, truncated edge patches zero-padded."""
     return cut_tiles(img, P, edge="truncate")
 
@@ -111,7 +111,7 @@ def urocell_labels(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def muvis(shared_data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MUVIS 16-bit SEM tiles (percentile-scaled to uint8) with hand labels (the same as
-    benchmarks/filter_thresholds.py): returns patches, sizes, label ('cell'/'empty'/'mixed'),
+    perf/filter_thresholds.py): returns patches, sizes, label ('cell'/'empty'/'mixed'),
     section index (0 = S000, 1 = S001)."""
     import tifffile
 

@@ -116,7 +116,7 @@ def test_pretrained_frozen_encoder_provenance_and_wandb(isbi5: tuple[Path, Path]
     import torch
     from safetensors.torch import save_file
 
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.meta import EncoderMeta
 
     torch.manual_seed(0)
     enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)

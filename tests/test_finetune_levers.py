@@ -17,7 +17,7 @@ from cemnet.benchmarks.datasets import BenchmarkData, load_benchmark
 from cemnet.benchmarks.train import FinetuneConfig, build_model, finetune
 from cemnet.cli import main as cemnet_main
 from cemnet.finetune.engine import FinetuneModule, encoder_param_groups
-from cemnet.transfer.meta import EncoderMeta
+from cemnet.weights.meta import EncoderMeta
 
 TINY = FinetuneConfig(iterations=4, batch_size=2, crop_size=64, arch="test_resnet", base_width=16, eval_batch=4)
 

@@ -11,7 +11,7 @@ import timm
 import torch
 import yaml
 from segment_models import cached_mito
-from test_transfer_helpers import cemnet_block, lightning_checkpoint
+from test_weights_helpers import cemnet_block, lightning_checkpoint
 
 from cemnet.cli import main
 
@@ -86,7 +86,7 @@ def test_model_card_from_recorded_metadata(trained, tmp_path) -> None:
 
 def test_export_writes_an_encoder_card(tmp_path) -> None:
     """cemnet export writes <out>.md next to the encoder from its metadata."""
-    from cemnet.transfer.export import export_encoder
+    from cemnet.weights.export import export_encoder
 
     net = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1)
     torch.save(lightning_checkpoint(net, cemnet_block("resnet18", method="mocov2"), backbone_prefix="backbone."),

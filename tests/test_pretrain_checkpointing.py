@@ -20,7 +20,7 @@ from cemnet.data.augment import AugmentConfig
 from cemnet.data.datamodule import ArrayCorpus, EMPatchDataModule
 from cemnet.methods.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_loadable_checkpoint
 from cemnet.methods.mocov2 import MoCoV2
-from cemnet.transfer.checkpoint_io import torch_archive_problem
+from cemnet.weights.checkpoint_io import torch_archive_problem
 
 TOTAL_STEPS = 12  # one and a half epochs of 8 batches
 

@@ -23,7 +23,7 @@ from cemnet.methods.backbones import build_backbone
 from cemnet.methods.base import PretrainMethod, batch_images, batch_size
 from cemnet.methods.heads import upgrade_sequential_head_keys
 from cemnet.methods.schedules import lr_factor
-from cemnet.transfer.checkpoint_io import load_checkpoint
+from cemnet.weights.checkpoint_io import load_checkpoint
 
 
 class TinySimCLR(PretrainMethod):

@@ -64,9 +64,9 @@ def test_features_only_view_shares_weights_and_feeds_a_3d_unet(shared_data: Path
 
 
 def test_export_side_builds_and_checks_3d_weights() -> None:
-    # the export code (cemnet.transfer.build) rebuilds 3D encoders through build_encoder3d
-    from cemnet.transfer.build import create_encoder
-    from cemnet.transfer.meta import EncoderMeta
+    # the export code (cemnet.weights.build) rebuilds 3D encoders through build_encoder3d
+    from cemnet.weights.build import create_encoder
+    from cemnet.weights.meta import EncoderMeta
 
     enc = build_encoder3d("cemnet3d_res_tiny")
     meta = EncoderMeta(arch="cemnet3d_res_tiny", spatial_dims=3, arch_kwargs=resolve_arch_kwargs("cemnet3d_res_tiny"))

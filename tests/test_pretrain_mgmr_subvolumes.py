@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cemnet.data.subvolumes import SubvolumeDataModule, SubvolumeDataset
-from curation.convert import Uint8Converter, sample_volume
+from curation.to_uint8 import Uint8Converter, sample_volume
 from curation.readers import SourceSpec, open_volume
 
 

@@ -18,7 +18,7 @@ from cemnet.methods.backbones import build_backbone
 from cemnet.methods.losses import mgmr_loss
 from cemnet.methods.mgmr import MGMR2D, MGMR3D
 from cemnet.models.encoder3d import build_encoder3d
-from cemnet.transfer.checkpoint_io import load_checkpoint
+from cemnet.weights.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def _backbone_keys(ckpt: dict) -> dict[str, torch.Tensor]:
 
 def _check_export(run_dir: Path, encoder: torch.nn.Module) -> None:
     """`cemnet export` keeps exactly the encoder's tensors and drops both decoders."""
-    from cemnet.transfer.export import export_encoder
+    from cemnet.weights.export import export_encoder
 
     weights = export_encoder(run_dir, run_dir / "encoder.safetensors")
     assert set(weights.state_dict) == set(encoder.state_dict())
@@ -106,8 +106,8 @@ def test_tiny_2d_config_runs_and_exports_clean_timm_keys(shared_data: Path, tmp_
     assert 0.0 < meta["mean"] < 1.0 and 0.0 < meta["std"] < 1.0
     enc = build_backbone(meta["arch"], meta["in_chans"], **meta["arch_kwargs"])
     enc.load_state_dict(_backbone_keys(ckpt), strict=True)  # timm's own key names
-    from cemnet.transfer.build import check_state_dict
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.build import check_state_dict
+    from cemnet.weights.meta import EncoderMeta
 
     check_state_dict(_backbone_keys(ckpt), EncoderMeta.from_dict(meta))
     _check_export(tmp_path / "run", enc)

@@ -29,7 +29,7 @@ from cemnet.methods.losses import info_nce_queue
 from cemnet.methods.memory_bank import KeyQueue
 from cemnet.methods.mocov2 import MoCoV2
 from cemnet.methods.schedules import lr_factor
-from cemnet.transfer.checkpoint_io import load_checkpoint
+from cemnet.weights.checkpoint_io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = {"arch", "in_chans", "mean", "std", "method", "corpus_fingerprint", "epochs", "global_step",

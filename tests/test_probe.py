@@ -54,7 +54,7 @@ def test_probe_separates_trained_from_random_encoder(vnc_mito, trained_encoder) 
         trn = probe_encoder(trained, probe_set, CFG)
         assert 0.0 < rnd["probe_iou"] < 1.0 and 0.0 <= rnd["probe_knn_acc"] <= 1.0
         gains.append(trn["probe_iou"] - rnd["probe_iou"])
-    # measured (benchmarks/probe_positive_control.py, 80 iterations): +0.047, +0.042, +0.034 on seeds 0, 1, 2
+    # measured (perf/probe_positive_control.py, 80 iterations): +0.047, +0.042, +0.034 on seeds 0, 1, 2
     assert min(gains) > 0.015 and np.mean(gains) > 0.025, gains  # paired, every seed
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cemnet.transfer.active import (
+from cemnet.transferability.active import (
     HeadRequiredError,
     load_head,
     patch_uncertainty,
@@ -105,7 +105,7 @@ def test_patch_uncertainty_masks_padding():
 
 def test_head_roundtrip(tmp_path):
     from cemnet.models.unet import UNet
-    from cemnet.transfer.embed import build_features_encoder
+    from cemnet.transferability.embed import build_features_encoder
 
     unet = UNet(build_features_encoder("timm:resnet18"), num_classes=2, base_width=32).eval()
     path = save_head(unet, tmp_path / "head.pt", encoder="timm:resnet18", num_classes=2,

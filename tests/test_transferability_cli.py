@@ -69,9 +69,9 @@ def test_rank_image_folders_and_errors(isbi, shared_data, tmp_path, capsys):
 def _export(path: Path, fingerprint: str | None) -> Path:
     import timm
 
-    from cemnet.transfer.convert import EncoderWeights
-    from cemnet.transfer.export import save_encoder
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.convert import EncoderWeights
+    from cemnet.weights.export import save_encoder
+    from cemnet.weights.meta import EncoderMeta
 
     model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=0)
     meta = EncoderMeta(arch="resnet18", in_chans=1, mean=[0.5], std=[0.2], method="test",
@@ -100,8 +100,8 @@ def test_rank_encoders(small_corpus, isbi, tmp_path, capsys):
 
 def test_select_folder_kcenter_random_and_head(isbi, tmp_path, capsys):
     from cemnet.models.unet import UNet
-    from cemnet.transfer.active import save_head
-    from cemnet.transfer.embed import build_features_encoder
+    from cemnet.transferability.active import save_head
+    from cemnet.transferability.embed import build_features_encoder
 
     base = ["transfer", "select", str(isbi[1]), "--pool", "60", *FAST]
     out = tmp_path / "kc"

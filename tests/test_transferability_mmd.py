@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cemnet.transfer.mmd import (
+from cemnet.transferability.mmd import (
     DEFAULT_SCALES,
     bandwidths,
     median_bandwidth,

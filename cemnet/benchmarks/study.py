@@ -256,8 +256,8 @@ def prepare_pretraining(cfg: StudyConfig, target: StudyTarget, progress: Callabl
                         until: str = "export") -> Path:
     """Stages 1-4 (``until="curate"``: 1-2 only); returns the exported encoder file (its decoder
     companion next to it for MGMR)."""
-    from cemnet.transfer.decoder import decoder_path, export_decoder
-    from cemnet.transfer.export import export_encoder
+    from cemnet.weights.decoder import decoder_path, export_decoder
+    from cemnet.weights.export import export_encoder
 
     root = cfg.pretrain_root
     root.mkdir(parents=True, exist_ok=True)
@@ -338,7 +338,7 @@ def finetune_run(cfg: StudyConfig, data: BenchmarkData, encoder_file: Path | Non
                         seed=seed, eval_at=tuple(i for i in cfg.eval_at if 0 < i < cfg.iterations), device=cfg.device)
     setup: Callable[[Any, tuple[float, float]], None] | None = None
     if variant == WITH_DECODER:
-        from cemnet.transfer.decoder import decoder_path, load_decoder
+        from cemnet.weights.decoder import decoder_path, load_decoder
 
         def load_pretrained_decoder(model: Any, norm: tuple[float, float]) -> None:
             report = load_decoder(model.decoder, decoder_path(encoder_file))
@@ -417,7 +417,7 @@ def estimate(cfg: StudyConfig, data: BenchmarkData, corpus: Path | None, encoder
 
 
 def _plan(cfg: StudyConfig, encoder: Path | None) -> list[tuple[str, int, int]]:
-    from cemnet.transfer.decoder import decoder_path
+    from cemnet.weights.decoder import decoder_path
 
     variants = [v for v in cfg.variants if v != WITH_DECODER]
     if WITH_DECODER in cfg.variants and (encoder is None or decoder_path(encoder).is_file()):
@@ -545,7 +545,7 @@ def run_study(cfg: StudyConfig, target: StudyTarget, progress: Callable[[str], N
         progress(f"study: estimated time on this machine: {_fmt(total)} ({parts}; from a few timed steps)")
     encoder = prepare_pretraining(cfg, target, progress)
     arch = encoder_arch(str(encoder)) or _recipe_arch(cfg.recipe)
-    from cemnet.transfer.decoder import decoder_path
+    from cemnet.weights.decoder import decoder_path
 
     variants = [v for v in cfg.variants if v != WITH_DECODER or decoder_path(encoder).is_file()]
     return _finetune_and_report(cfg, data, encoder, arch, variants, progress)

@@ -87,7 +87,7 @@ def encoder_arch(source: str) -> str | None:
     pretrained: read from its weights)."""
     if _is_random(source):
         return source.partition(":")[2] or None
-    from cemnet.transfer.load import resolve_weights
+    from cemnet.weights.load import resolve_weights
 
     return resolve_weights(source, progress=False).meta.arch
 
@@ -216,7 +216,7 @@ def choose_overlay_samples(samples: Sequence[Sample], count: int, names: Sequenc
         return []
     if count >= len(samples):
         return list(samples)
-    from cemnet.transfer.active import select_kcenter
+    from cemnet.transferability.active import select_kcenter
 
     feats = []
     for s in samples:

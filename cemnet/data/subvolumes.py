@@ -2,7 +2,7 @@
 
 A 2D patch corpus records how to reopen every source (``Corpus.source_specs()``, for
 ``curation.readers.open_volume``) and the uint8 mapping fitted to it during curation (the
-``uint8_rule`` column of ``index.sqlite``, a :class:`curation.convert.Uint8Converter`). The
+``uint8_rule`` column of ``index.sqlite``, a :class:`curation.to_uint8.Uint8Converter`). The
 dataset samples ``(D, H, W)`` crops (SegNeuron: 20 x 128 x 128) uniformly over all valid crop
 positions of all volumes (volumes weighted by their number of positions), converts them to uint8
 with that same mapping, and applies SegNeuron's augmentation (``SimpleAugment``: with probability
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cemnet.data.stats import DataStats
-from curation.convert import Uint8Converter, sample_volume
+from curation.to_uint8 import Uint8Converter, sample_volume
 from curation.corpus import ReadOnlyIndex
 
 __all__ = ["ArrayVolume", "SubvolumeDataset", "SubvolumeDataModule", "VolumeLike"]

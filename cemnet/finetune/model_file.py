@@ -148,7 +148,7 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Pa
     """Write ``model``'s weights and ``spec`` to ``path`` (atomically; parents created)."""
     from safetensors.torch import save_file
 
-    from cemnet.transfer.checkpoint_io import give_usual_permissions, nonfinite_tensors
+    from cemnet.weights.checkpoint_io import give_usual_permissions, nonfinite_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ def _encoder_record(settings: FinetuneSettings, encoder: nn.Module, random_arch:
     sha = _sha256(settings.encoder)
     if sha is None:  # a registry name: the pinned checksum of the downloaded file
         try:
-            from cemnet.transfer.registry import get_entry
+            from cemnet.weights.registry import get_entry
 
             sha = get_entry(settings.encoder).sha256
         except Exception:  # a run folder or an unknown name: no single file to hash

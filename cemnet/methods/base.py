@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from cemnet.data.stats import DataStats, ProvidesDataStats
 from cemnet.methods.schedules import lr_factor
-from cemnet.transfer.keys import clean_key, clean_keys
+from cemnet.weights.keys import clean_key, clean_keys
 
 __all__ = ["PretrainMethod", "batch_images", "batch_size", "completed_epochs", "logs_this_step"]
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from cemnet.methods.base import batch_size, logs_this_step
-from cemnet.transfer.checkpoint_io import nonfinite_tensors
+from cemnet.weights.checkpoint_io import nonfinite_tensors
 
 __all__ = ["DivergenceError", "DivergenceGuard", "ImagesPerSecond", "PairSampleLogger"]
 

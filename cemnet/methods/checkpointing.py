@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
-from cemnet.transfer.checkpoint_io import torch_archive_problem
+from cemnet.weights.checkpoint_io import torch_archive_problem
 
 __all__ = ["AtomicCheckpointIO", "RunCheckpoint", "newest_loadable_checkpoint"]
 

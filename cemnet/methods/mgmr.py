@@ -34,7 +34,7 @@ from cemnet.methods.masking import (
 )
 from cemnet.models.decoders import ReconDecoder
 from cemnet.models.encoder3d import build_encoder3d, resolve_arch_kwargs
-from cemnet.transfer.keys import clean_keys
+from cemnet.weights.keys import clean_keys
 
 __all__ = ["MGMR2D", "MGMR3D", "MGMRBase"]
 

@@ -49,7 +49,7 @@ class UNet(nn.Module):
             ``encoder`` is not a module.
         base_width, min_width: decoder widths (coarsest stage; halves each stage, floored).
         decoder: pretrained decoder weights (an MGMR decoder file written by ``cemnet export``,
-            see :mod:`cemnet.transfer.decoder`), or ``"auto"``: the companion file of an
+            see :mod:`cemnet.weights.decoder`), or ``"auto"``: the companion file of an
             ``encoder`` export when there is one. Tensors are copied where name and shape
             match; ``self.decoder_report`` says which (``None`` when nothing was asked).
 
@@ -71,7 +71,7 @@ class UNet(nn.Module):
         super().__init__()
         encoder_file = None if isinstance(encoder, nn.Module) else Path(encoder)
         if not isinstance(encoder, nn.Module):
-            from cemnet.transfer.load import load_encoder
+            from cemnet.weights.load import load_encoder
 
             encoder = load_encoder(encoder, features_only=True, in_chans=in_chans, out_indices=out_indices, **load_kwargs)
         channels, reductions, spatial_dims = feature_spec(encoder)
@@ -92,7 +92,7 @@ class UNet(nn.Module):
             self.decoder_report = self._load_decoder(decoder, encoder_file)
 
     def _load_decoder(self, decoder: str | Path, encoder_file: Path | None) -> Any:
-        from cemnet.transfer.decoder import decoder_path, load_decoder
+        from cemnet.weights.decoder import decoder_path, load_decoder
 
         if str(decoder) == "auto":
             if encoder_file is None or not decoder_path(encoder_file).is_file():

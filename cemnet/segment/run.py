@@ -107,7 +107,7 @@ class Job:
     model: str
     input: dict[str, Any]  # SourceSpec fields
     work: str  # the OUT.partial zarr store
-    converter: Any  # curation.convert.Uint8Converter
+    converter: Any  # curation.to_uint8.Uint8Converter
     shape: tuple[int, int, int]
     block_shape: tuple[int, int, int]
     grids: list[AxisGrid]
@@ -327,7 +327,7 @@ def segment_volume(model: str | os.PathLike, input: str | os.PathLike, out: str 
     """Segment ``input`` with the saved ``model`` into ``out`` (see the module doc)."""
     import zarr
 
-    from curation.convert import Uint8Converter, sample_volume
+    from curation.to_uint8 import Uint8Converter, sample_volume
 
     settings = settings or SegmentSettings()
     log = log or (lambda msg: print(msg, file=sys.stderr))

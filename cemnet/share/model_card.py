@@ -145,7 +145,7 @@ def write_encoder_card(encoder_path: str | os.PathLike, out: str | os.PathLike |
     """Write the card of an exported encoder (``cemnet export``); returns its path."""
     from safetensors import safe_open
 
-    from cemnet.transfer.meta import EncoderMeta
+    from cemnet.weights.meta import EncoderMeta
 
     encoder_path = Path(encoder_path)
     with safe_open(str(encoder_path), framework="pt") as f:

@@ -44,7 +44,7 @@ def build_unet(arch: dict[str, Any]) -> Any:
 
 def _sample_tile(sample: str, spec: Any, key: str | None) -> np.ndarray:
     """A uint8 tile of the model's size from the centre of a real volume (2.5D: its neighbour slices)."""
-    from curation.convert import Uint8Converter, sample_volume
+    from curation.to_uint8 import Uint8Converter, sample_volume
     from curation.readers import ReaderError, SourceSpec, open_volume
 
     try:

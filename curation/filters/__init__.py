@@ -5,7 +5,7 @@ padding, saturated areas), low-contrast, artefacts or non-cellular content. This
 three interchangeable filters that all follow :class:`PatchFilter`, a module each:
 
 * :class:`StatsFilter` (default): thresholds on cheap image statistics, chosen on real EM data
-  (``benchmarks/filter_thresholds.py``, figures in ``docs/filters.md``).
+  (``perf/filter_thresholds.py``, figures in ``docs/filters.md``).
 * :class:`LogisticFilter`: logistic regression on :func:`patch_features`, trained from the user's
   own labels with :func:`train_logistic_filter` (labels read by :func:`read_label_csv`).
 * :class:`Cem500kClassifierFilter`: the published CEM500K ResNet34 patch-quality classifier.

@@ -18,7 +18,7 @@ class StatsFilter:
     """Threshold filter on :func:`patch_features` (the default filter).
 
     A patch is removed when any criterion fails; ``reason`` names the first failed one, in the
-    order listed. Defaults were chosen on real EM data (``benchmarks/filter_thresholds.py``;
+    order listed. Defaults were chosen on real EM data (``perf/filter_thresholds.py``;
     figures and rationale in ``docs/filters.md``).
 
     Attributes:
