@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cemnet.models.unet import UNet
 from cemnet.weights.decoder import decoder_path, load_decoder, read_decoder
+from cemnet.weights.load import load_unet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_export_writes_the_pixel_decoder_companion(mgmr_export: Path) -> None:
 
 def test_unet_decoder_holds_exactly_the_exported_tensors(mgmr_export: Path) -> None:
     tensors, _ = read_decoder(decoder_path(mgmr_export))
-    unet = UNet(mgmr_export, num_classes=1, in_chans=1, base_width=32, decoder="auto")
+    unet = load_unet(mgmr_export, num_classes=1, in_chans=1, base_width=32, decoder="auto")
     own = unet.decoder.state_dict()
     assert own.keys() == tensors.keys()
     assert all(torch.equal(own[k], tensors[k]) for k in own)
@@ -59,16 +59,16 @@ def test_unet_decoder_holds_exactly_the_exported_tensors(mgmr_export: Path) -> N
 
 def test_mismatched_shapes_are_reported_not_loaded(mgmr_export: Path) -> None:
     tensors, _ = read_decoder(decoder_path(mgmr_export))
-    unet = UNet(mgmr_export, num_classes=3, in_chans=1, base_width=32)  # 3 classes: the 1x1 head differs
+    unet = load_unet(mgmr_export, num_classes=3, in_chans=1, base_width=32)  # 3 classes: the 1x1 head differs
     fresh_head = unet.decoder.head.weight.clone()
     report = load_decoder(unet.decoder, decoder_path(mgmr_export))
     assert set(report.skipped) == {"head.weight", "head.bias"} and "shape" in report.skipped["head.weight"]
     assert torch.equal(unet.decoder.head.weight, fresh_head)
     assert all(torch.equal(unet.decoder.state_dict()[k], tensors[k]) for k in report.loaded) and report.loaded
     assert "2 kept at initialisation" in report.describe()
-    assert UNet(mgmr_export, num_classes=1, in_chans=1, base_width=32).decoder_report is None  # only when asked
+    assert load_unet(mgmr_export, num_classes=1, in_chans=1, base_width=32).decoder_report is None  # only when asked
 
 
 def test_missing_decoder_file_is_one_clear_error(mgmr_export: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="decoder file not found"):
-        UNet(mgmr_export, num_classes=1, in_chans=1, base_width=32, decoder=tmp_path / "none.decoder.safetensors")
+        load_unet(mgmr_export, num_classes=1, in_chans=1, base_width=32, decoder=tmp_path / "none.decoder.safetensors")

@@ -19,7 +19,7 @@ from cemnet.weights.build import IncompatibleWeightsError
 from cemnet.weights.checkpoint_io import CheckpointError, find_checkpoint, load_checkpoint
 from cemnet.weights.export import export_encoder
 from cemnet.weights.keys import clean_key, split_prefix
-from cemnet.weights.load import load_encoder
+from cemnet.weights.load import load_encoder, load_unet
 
 
 def _timm(arch: str, **kwargs) -> torch.nn.Module:
@@ -108,7 +108,6 @@ def test_export_non_resnet_drops_classifier(tmp_path: Path, shared_data: Path) -
 
 def test_export_3d_encoder_and_unet3d(tmp_path: Path, shared_data: Path) -> None:
     from cemnet.models.encoder3d import build_encoder3d
-    from cemnet.models.unet import UNet
 
     torch.manual_seed(0)
     arch_kwargs = {"widths": [8, 16, 24], "depths": [1, 1, 1], "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]]}
@@ -127,7 +126,7 @@ def test_export_3d_encoder_and_unet3d(tmp_path: Path, shared_data: Path) -> None
         assert torch.equal(loaded(volume), encoder(volume))
         two = load_encoder(out, in_chans=2).eval()  # 5-D first conv adapted like timm's rule
         assert torch.allclose(two(volume.repeat(1, 2, 1, 1, 1)), encoder(volume), atol=1e-5)
-    unet = UNet(out, num_classes=3).eval()
+    unet = load_unet(out, num_classes=3).eval()
     with torch.no_grad():
         assert unet(volume).shape == (1, 3, 8, 32, 32)
 

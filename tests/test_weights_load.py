@@ -17,7 +17,7 @@ import cemnet
 from cemnet.models.unet import UNet
 from cemnet.weights.build import adapt_first_conv
 from cemnet.weights.export import export_encoder
-from cemnet.weights.load import encoder_state_dict
+from cemnet.weights.load import encoder_state_dict, load_unet
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_smp_resnet18_recipe(resnet18_export: tuple[Path, torch.nn.Module], shar
 
 def test_unet2d_on_export(resnet18_export: tuple[Path, torch.nn.Module], shared_data: Path) -> None:
     path, model = resnet18_export
-    unet = UNet(path, num_classes=2, base_width=64)
+    unet = load_unet(path, num_classes=2, base_width=64)
     assert torch.equal(unet.encoder.conv1.weight, model.conv1.weight)
     x = real_patch(shared_data, size=96)
     logits = unet(x)
@@ -101,6 +101,13 @@ def test_unet2d_on_export(resnet18_export: tuple[Path, torch.nn.Module], shared_
         assert unet.eval()(real_patch(shared_data, size=72)).shape == (1, 2, 72, 72)
 
 
+def test_unet_takes_a_module_and_names_load_unet_otherwise(resnet18_export: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = resnet18_export
+    with pytest.raises(TypeError, match="cemnet.weights.load_unet"):
+        UNet(path, num_classes=2)  # type: ignore[arg-type]
+    assert cemnet.weights.load_unet is load_unet
+
+
 def test_unknown_name_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="registered: .*cem500k_mocov2_resnet50"):
         cemnet.load_encoder(tmp_path / "nope.safetensors")
@@ -109,6 +116,7 @@ def test_unknown_name_is_a_clear_error(tmp_path: Path) -> None:
 def test_import_cemnet_does_not_import_torch() -> None:
     code = (
         "import sys, cemnet, cemnet.weights, cemnet.weights.cli, cemnet.weights.cli_export\n"
+        "import cemnet.transferability, cemnet.transferability.cli\n"
         "assert 'torch' not in sys.modules, 'torch imported eagerly'\n"
         "assert callable(cemnet.load_encoder) and 'torch' in sys.modules\n"
     )

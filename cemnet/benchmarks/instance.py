@@ -383,6 +383,7 @@ def build_instance_model(cfg: InstanceConfig) -> nn.Module:
     """UNet with 4 outputs (3 affinities + foreground): a 3D encoder on 1 channel (``mode="3d"``)
     or a 2D encoder on 2 channels, the slice pair (``mode="2d"``)."""
     from cemnet.models.unet import UNet
+    from cemnet.weights.load import load_unet
 
     if cfg.mode not in DEFAULT_ARCH:
         raise ValueError(f"InstanceConfig.mode={cfg.mode!r}: expected one of {sorted(DEFAULT_ARCH)}")
@@ -399,7 +400,7 @@ def build_instance_model(cfg: InstanceConfig) -> nn.Module:
             encoder = build_encoder3d(arch, in_chans, features_only=True)
         return UNet(encoder, 4, base_width=cfg.base_width)
     # load_encoder adapts a pretrained 1-channel first conv to in_chans (timm's adapt_input_conv)
-    model = UNet(cfg.encoder, 4, in_chans=in_chans, base_width=cfg.base_width)
+    model = load_unet(cfg.encoder, 4, in_chans=in_chans, base_width=cfg.base_width)
     if model.spatial_dims != (2 if cfg.mode == "2d" else 3):
         raise ValueError(f"encoder {cfg.encoder!r} is {model.spatial_dims}D but mode={cfg.mode!r}")
     return model

@@ -86,12 +86,13 @@ def build_model(encoder: str, out_channels: int, cfg: FinetuneConfig) -> tuple[n
     import timm
 
     from cemnet.models.unet import UNet
+    from cemnet.weights.load import load_unet
 
     if encoder == "random" or encoder.startswith("random:"):
         arch = encoder.partition(":")[2] or cfg.arch or "resnet50"
         module = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1)
         return UNet(module, out_channels, base_width=cfg.base_width), None
-    model = UNet(encoder, out_channels, in_chans=1, base_width=cfg.base_width)
+    model = load_unet(encoder, out_channels, in_chans=1, base_width=cfg.base_width)
     return model, encoder_norm(model.encoder)
 
 

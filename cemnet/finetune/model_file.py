@@ -25,6 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cemnet.models.encoder3d import build_encoder3d
+from cemnet.models.unet import UNet
+from cemnet.weights.checkpoint_io import give_usual_permissions, nonfinite_tensors
+
 __all__ = ["ModelSpec", "ModelFileError", "save_model", "load_model", "read_spec", "build_network"]
 
 FORMAT = "cemnet-model"
@@ -124,8 +128,6 @@ class ModelSpec:
 
 def build_network(spec: ModelSpec) -> nn.Module:
     """The network described by ``spec.arch``, randomly initialised (no download)."""
-    from cemnet.models.unet import UNet
-
     arch = dict(spec.arch)
     kind = arch.get("kind", "unet")
     if kind != "unet":
@@ -133,8 +135,6 @@ def build_network(spec: ModelSpec) -> nn.Module:
     kwargs = dict(arch.get("encoder_kwargs") or {})
     in_chans = int(arch.get("in_chans", 1))
     if int(arch.get("spatial_dims", 2)) == 3:
-        from cemnet.models.encoder3d import build_encoder3d
-
         encoder = build_encoder3d(arch["encoder"], in_chans, features_only=True, **kwargs)
     else:
         import timm
@@ -147,8 +147,6 @@ def build_network(spec: ModelSpec) -> nn.Module:
 def save_model(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights and ``spec`` to ``path`` (atomically; parents created)."""
     from safetensors.torch import save_file
-
-    from cemnet.weights.checkpoint_io import give_usual_permissions, nonfinite_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,17 +10,12 @@ resolution, then a 1x1 convolution to ``num_classes`` logits. The same class the
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from cemnet.models.decoders import ReconDecoder
-
-log = logging.getLogger(__name__)
 
 __all__ = ["UNet", "feature_spec"]
 
@@ -38,42 +33,29 @@ def feature_spec(encoder: nn.Module) -> tuple[list[int], list[tuple[int, ...]], 
 
 
 class UNet(nn.Module):
-    """Segmentation U-Net on a pretrained encoder.
+    """Segmentation U-Net on an encoder.
 
     Args:
-        encoder: a ``features_only`` module, or anything :func:`cemnet.load_encoder` accepts (a
-            ``cemnet export`` file, a checkpoint, a registry name), loaded with
-            ``features_only=True``.
+        encoder: a built ``features_only`` module (timm, or :func:`cemnet.models.build_encoder3d`).
+            For pretrained weights from a file, run or registry name use
+            :func:`cemnet.weights.load_unet`, which loads the encoder (and, if asked, a pretrained
+            decoder) and builds this class.
         num_classes: output channels (logits; no activation).
-        in_chans, out_indices, **load_kwargs: passed to :func:`cemnet.load_encoder` when
-            ``encoder`` is not a module.
         base_width, min_width: decoder widths (coarsest stage; halves each stage, floored).
-        decoder: pretrained decoder weights (an MGMR decoder file written by ``cemnet export``,
-            see :mod:`cemnet.weights.decoder`), or ``"auto"``: the companion file of an
-            ``encoder`` export when there is one. Tensors are copied where name and shape
-            match; ``self.decoder_report`` says which (``None`` when nothing was asked).
 
+    ``decoder_report`` says which pretrained decoder tensors were loaded (set by
+    :func:`cemnet.weights.load_unet`; ``None`` when none were asked for).
     ``forward(x)`` returns ``(B, num_classes, *x.shape[2:])``.
     """
 
-    def __init__(
-        self,
-        encoder: nn.Module | str | Path,
-        num_classes: int = 1,
-        *,
-        in_chans: int | None = None,
-        out_indices: Sequence[int] | None = None,
-        base_width: int = 256,
-        min_width: int = 16,
-        decoder: str | Path | None = None,
-        **load_kwargs: Any,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int = 1, *, base_width: int = 256, min_width: int = 16) -> None:
         super().__init__()
-        encoder_file = None if isinstance(encoder, nn.Module) else Path(encoder)
         if not isinstance(encoder, nn.Module):
-            from cemnet.weights.load import load_encoder
-
-            encoder = load_encoder(encoder, features_only=True, in_chans=in_chans, out_indices=out_indices, **load_kwargs)
+            # models import nothing of the weights package: loading lives there, not here
+            raise TypeError(
+                f"UNet takes a built encoder module, not {type(encoder).__name__} {encoder!r}; "
+                "to build one from weights (file, run folder, registry name) use cemnet.weights.load_unet"
+            )
         channels, reductions, spatial_dims = feature_spec(encoder)
         self.encoder = encoder
         self.spatial_dims = spatial_dims
@@ -87,20 +69,7 @@ class UNet(nn.Module):
             use_skips=True,
             activation="none",
         )
-        self.decoder_report = None
-        if decoder is not None:
-            self.decoder_report = self._load_decoder(decoder, encoder_file)
-
-    def _load_decoder(self, decoder: str | Path, encoder_file: Path | None) -> Any:
-        from cemnet.weights.decoder import decoder_path, load_decoder
-
-        if str(decoder) == "auto":
-            if encoder_file is None or not decoder_path(encoder_file).is_file():
-                return None
-            decoder = decoder_path(encoder_file)
-        report = load_decoder(self.decoder, decoder)
-        log.info("%s", report.describe())
-        return report
+        self.decoder_report: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)

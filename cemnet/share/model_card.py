@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cemnet.weights.meta import EncoderMeta
+
 __all__ = ["write_model_card", "write_encoder_card", "method_citations", "card_path"]
 
 NOT_RECORDED = "not recorded"
@@ -144,8 +146,6 @@ def write_model_card(model_path: str | os.PathLike, out: str | os.PathLike | Non
 def write_encoder_card(encoder_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the card of an exported encoder (``cemnet export``); returns its path."""
     from safetensors import safe_open
-
-    from cemnet.weights.meta import EncoderMeta
 
     encoder_path = Path(encoder_path)
     with safe_open(str(encoder_path), framework="pt") as f:

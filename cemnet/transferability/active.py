@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cemnet.finetune.model_file import load_model
+from cemnet.models.unet import UNet
+from cemnet.transferability.embed import build_features_encoder
+
 __all__ = [
     "STRATEGIES",
     "UNCERTAINTY_STRATEGIES",
@@ -233,9 +237,6 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a segmentation head: a ``cemnet finetune`` model file (``RUN/model.safetensors``)
     or a file saved by :func:`save_head`; returns (model in eval mode, its record: ``encoder``,
     ``num_classes``, ``mean``, ``std``, ``input_size``)."""
-    from cemnet.models.unet import UNet
-    from cemnet.transferability.embed import build_features_encoder
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such head file")
@@ -257,8 +258,6 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _load_model_file_head(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from cemnet.finetune.model_file import load_model
-
     model = load_model(path)
     spec = model.cemnet_spec
     if spec.task != "semantic" or spec.dims != "2d" or spec.in_chans != 1:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cemnet.weights.load import load_encoder
+
 __all__ = [
     "PatchSet",
     "is_data_path",
@@ -238,8 +240,6 @@ def build_encoder(spec: str | nn.Module) -> nn.Module:
         return spec.eval()
     if spec.startswith(RANDOM_PREFIX):
         return _random_timm(spec[len(RANDOM_PREFIX):], num_classes=0).eval()
-    from cemnet.weights.load import load_encoder
-
     return load_encoder(spec, in_chans=1, num_classes=0, progress=False).eval()
 
 
@@ -247,8 +247,6 @@ def build_features_encoder(spec: str) -> nn.Module:
     """The same encoder as timm ``features_only`` (for :class:`cemnet.models.unet.UNet`)."""
     if spec.startswith(RANDOM_PREFIX):
         return _random_timm(spec[len(RANDOM_PREFIX):], features_only=True)
-    from cemnet.weights.load import load_encoder
-
     return load_encoder(spec, features_only=True, in_chans=1, progress=False)
 
 

@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "load_encoder": "cemnet.weights.load",
     "encoder_state_dict": "cemnet.weights.load",
     "resolve_weights": "cemnet.weights.load",
+    "load_unet": "cemnet.weights.load",
     "create_encoder": "cemnet.weights.build",
     "adapt_first_conv": "cemnet.weights.build",
     "IncompatibleWeightsError": "cemnet.weights.build",

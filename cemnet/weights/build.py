@@ -1,7 +1,7 @@
 """Build encoders from :class:`~cemnet.weights.meta.EncoderMeta` and check weights against them.
 
 2D encoders are timm models; 3D ones (``cemnet3d_*``) come from
-``cemnet.models.encoder3d.build_encoder3d``, imported only when needed.
+``cemnet.models.encoder3d.build_encoder3d``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cemnet.models.encoder3d import build_encoder3d
 from cemnet.weights.meta import EncoderMeta
 
 ARCH3D_PREFIX = "cemnet3d_"
@@ -35,19 +36,11 @@ def is_known_arch(name: str) -> bool:
     return name.startswith(ARCH3D_PREFIX) or timm.is_model(name)
 
 
-def _build_encoder3d(arch: str, in_chans: int, **kwargs: Any) -> nn.Module:
-    try:
-        from cemnet.models.encoder3d import build_encoder3d
-    except ModuleNotFoundError as err:  # pragma: no cover - depends on the checkout
-        raise ImportError(f"architecture {arch!r} is 3D and needs cemnet.models.encoder3d ({err})") from err
-    return build_encoder3d(arch, in_chans=in_chans, **kwargs)
-
-
 def build_bare(meta: EncoderMeta, in_chans: int | None = None, **kwargs: Any) -> nn.Module:
     """Randomly initialised encoder of ``meta.arch`` without classifier (``num_classes=0``)."""
     in_chans = in_chans or meta.in_chans
     if is_3d(meta):
-        return _build_encoder3d(meta.arch, in_chans, **{**meta.arch_kwargs, **kwargs})
+        return build_encoder3d(meta.arch, in_chans=in_chans, **{**meta.arch_kwargs, **kwargs})
     import timm
 
     return timm.create_model(meta.arch, pretrained=False, in_chans=in_chans, **{"num_classes": 0, **meta.arch_kwargs, **kwargs})
@@ -226,7 +219,7 @@ def create_encoder(
         if out_indices is not None:
             feature_kwargs["out_indices"] = tuple(out_indices)
     if is_3d(meta):
-        model = _build_encoder3d(meta.arch, meta.in_chans, **{**meta.arch_kwargs, **feature_kwargs, **kwargs})
+        model = build_encoder3d(meta.arch, in_chans=meta.in_chans, **{**meta.arch_kwargs, **feature_kwargs, **kwargs})
         model.load_state_dict(sd, strict=True)
     else:
         import timm

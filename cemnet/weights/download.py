@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from cemnet import __version__
 from cemnet.weights.registry import WeightsEntry, get_entry
 
 CACHE_ENV = "CEMNET_CACHE"
@@ -87,8 +88,6 @@ def sha256_env_var(name: str) -> str:
 
 
 def _user_agent() -> str:
-    from cemnet import __version__
-
     return f"cemnet/{__version__}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cemnet.share.model_card import write_encoder_card
 from cemnet.weights.checkpoint_io import give_usual_permissions, nonfinite_tensors
 from cemnet.weights.convert import EncoderWeights, read_weights
 
@@ -44,7 +45,5 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path, arch: str | None = 
     """
     weights = read_weights(run_or_ckpt, arch=arch)
     save_encoder(weights, out)
-    from cemnet.share.model_card import write_encoder_card
-
     write_encoder_card(out)
     return weights

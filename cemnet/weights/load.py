@@ -1,4 +1,4 @@
-"""``cemnet.load_encoder``: any supported weights -> a timm model.
+"""``cemnet.load_encoder``: any supported weights -> a timm model; :func:`load_unet`: -> a U-Net on it.
 
 ``name_or_path`` is a file or run folder (any format in :data:`cemnet.weights.convert.FORMATS`,
 auto-converted) or the name of a registry entry (downloaded once, sha256-verified, cached; see
@@ -7,6 +7,8 @@ auto-converted) or the name of a registry entry (downloaded once, sha256-verifie
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from cemnet.models.unet import UNet
 from cemnet.weights.build import adapted, check_state_dict, create_encoder
 from cemnet.weights.convert import EncoderWeights, read_weights
+from cemnet.weights.decoder import decoder_path, load_decoder
 from cemnet.weights.download import fetch
 from cemnet.weights.meta import EncoderMeta, as_channel_list
 from cemnet.weights.registry import WeightsEntry, load_registry
+
+log = logging.getLogger(__name__)
 
 PathOrName = str | Path
 Registries = Sequence[str | Path] | str | Path | None
@@ -123,3 +129,38 @@ def encoder_state_dict(name_or_path: PathOrName, in_chans: int | None = None, **
     weights = resolve_weights(name_or_path, **resolve_kwargs)
     check_state_dict(weights.state_dict, weights.meta)
     return adapted(weights.meta, weights.state_dict, in_chans)[1]
+
+
+def load_unet(
+    name_or_path: PathOrName,
+    num_classes: int = 1,
+    *,
+    in_chans: int | None = None,
+    out_indices: Sequence[int] | None = None,
+    base_width: int = 256,
+    min_width: int = 16,
+    decoder: str | os.PathLike | None = None,
+    **load_kwargs: Any,
+) -> UNet:
+    """A :class:`cemnet.models.unet.UNet` on pretrained encoder weights (and, if asked, decoder weights).
+
+    Args:
+        name_or_path, in_chans, out_indices, **load_kwargs: the encoder, as for
+            :func:`load_encoder` (loaded with ``features_only=True``).
+        num_classes, base_width, min_width: as for :class:`~cemnet.models.unet.UNet`.
+        decoder: pretrained decoder weights (an MGMR decoder file written by ``cemnet export``,
+            see :mod:`cemnet.weights.decoder`), or ``"auto"``: the companion file of a
+            ``name_or_path`` export when there is one. Tensors are copied where name and shape
+            match; the U-Net's ``decoder_report`` says which (``None`` when nothing was loaded).
+    """
+    encoder = load_encoder(name_or_path, features_only=True, in_chans=in_chans, out_indices=out_indices, **load_kwargs)
+    unet = UNet(encoder, num_classes, base_width=base_width, min_width=min_width)
+    if decoder is None:
+        return unet
+    if str(decoder) == "auto":
+        decoder = decoder_path(name_or_path)
+        if not decoder.is_file():  # a MoCoV2 export or a registry name: no companion decoder
+            return unet
+    unet.decoder_report = load_decoder(unet.decoder, decoder)
+    log.info("%s", unet.decoder_report.describe())
+    return unet
