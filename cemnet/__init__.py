@@ -1,8 +1,9 @@
 """cemnet: self-supervised pretraining for volume electron microscopy.
 
 Five jobs, one direction of data flow:
-curate (``curation``) -> pretrain (``cemnet.methods``) -> transfer (``cemnet.weights``)
--> apply (``cemnet.finetune``, segmentation) -> benchmark (``cemnet.benchmarks``).
+curate (``curation``) -> pretrain (``cemnet.methods``) -> transfer (``cemnet.weights``; which data
+transfers: ``cemnet.transferability``) -> apply (``cemnet.finetune``, ``cemnet.segment``) -> benchmark
+(``cemnet.benchmarks``). Layout and import rules: docs/architecture.md.
 """
 
 from cemnet._lazy import lazy_exports

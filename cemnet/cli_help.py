@@ -1,5 +1,5 @@
-"""``--help`` of the transfer commands (``export``, ``weights``, ``transfer``): every option with its
-default and one line of help."""
+"""``--help`` of the ``export``, ``weights`` and ``transfer`` commands: every option with its
+default and one line of help (shared by :mod:`cemnet.weights` and :mod:`cemnet.transferability`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""transfer: pretrained encoders out of runs and into downstream models.
+"""weights: pretrained encoders out of runs and into downstream models.
 
 Export clean encoder weights (:func:`export_encoder`), convert published checkpoints
 (:func:`read_weights`), load them anywhere as timm models (:func:`load_encoder`,
-:func:`encoder_state_dict`), and download/publish them through a sha256-verified registry
+:func:`encoder_state_dict`) or U-Nets (:func:`load_unet`), and download/publish them through a sha256-verified registry
 (:func:`fetch`, :func:`publish`). See docs/weights.md.
 
 Names are resolved lazily so that ``import cemnet.weights`` (and the ``cemnet weights`` CLI)
