@@ -22,6 +22,9 @@ import numpy as np
 
 from cemnet.cli_help import HelpFormatter
 
+# The work (torch, timm, curation) is imported inside the functions, after argument parsing,
+# so that `--help` and argument errors answer at once.
+
 __all__ = ["main", "RankRow", "rank", "select_patches", "save_heatmap", "save_montage"]
 
 

@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cemnet.weights.load import load_encoder
+from curation.corpus import Corpus, open_corpus
+from curation.patching import extract_patches
+from curation.readers import IMAGE_EXTS, FolderStack, open_volume, reader_for
+from curation.to_uint8 import Uint8Converter, sample_volume
 
 __all__ = [
     "PatchSet",
@@ -111,8 +115,6 @@ def is_data_path(spec: str) -> bool:
 
 
 def _from_corpus(path: Path, n: int, by_source: bool, rng: np.random.Generator) -> list[PatchSet]:
-    from curation.corpus import Corpus, open_corpus
-
     corpus = open_corpus(path)
     p = corpus.patch_size
     sizes_all = corpus.sizes if isinstance(corpus, Corpus) else None
@@ -148,8 +150,6 @@ def _display_name(path: Path) -> str:
 
 def _volume_inputs(path: Path) -> list[Path]:
     """The files to open: every 2D/3D image file of a folder, or the path itself."""
-    from curation.readers import IMAGE_EXTS, FolderStack, reader_for
-
     if path.is_dir() and not path.name.endswith(".zarr") and reader_for(path) is FolderStack:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if files:
@@ -158,10 +158,6 @@ def _volume_inputs(path: Path) -> list[Path]:
 
 
 def _from_images(path: Path, n: int, patch_size: int, max_planes: int, rng: np.random.Generator) -> PatchSet:
-    from curation.to_uint8 import Uint8Converter, sample_volume
-    from curation.patching import extract_patches
-    from curation.readers import open_volume
-
     files = _volume_inputs(path)
     shown = [str(f) if f != path else "" for f in files]
     volumes = {}

@@ -11,6 +11,9 @@ from cemnet.cli_help import HelpFormatter
 from cemnet.weights.download import CACHE_ENV, default_cache_dir, sha256_env_var
 from cemnet.weights.registry import REGISTRY_ENV, RegistryError, get_entry, load_registry
 
+# The work (torch, timm, curation) is imported inside the functions, after argument parsing,
+# so that `--help` and argument errors answer at once.
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

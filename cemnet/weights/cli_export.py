@@ -8,6 +8,9 @@ import sys
 from cemnet.cli_help import HelpFormatter
 from cemnet.weights.meta import FORMATS
 
+# The work (torch, timm, curation) is imported inside the functions, after argument parsing,
+# so that `--help` and argument errors answer at once.
+
 
 def build_parser() -> argparse.ArgumentParser:
     formats = "\n".join(f"  {name:<19} {text}" for name, text in FORMATS.items())
