@@ -5,6 +5,8 @@
   for the download tests (weights, benchmark archives). Nothing in the tests reaches the internet.
 * :func:`read_grey`: an image file as PIL's 8-bit grey ("L"), the reference the readers and
   filters are compared with.
+* :func:`tiny_encoder_export`: a cemnet encoder export of timm's tiny ``test_resnet`` (seconds to
+  fine-tune), the stand-in for a pretrained encoder in the fine-tuning and benchmark tests.
 """
 
 from __future__ import annotations
@@ -20,7 +22,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["FileServer", "serving", "read_grey"]
+__all__ = ["FileServer", "serving", "read_grey", "tiny_encoder_export"]
+
+
+def tiny_encoder_export(path: Path, seed: int | None = 0, **meta: Any) -> tuple[Path, dict[str, Any]]:
+    """Save a randomly initialised 1-channel ``test_resnet`` as a cemnet encoder export at
+    ``path`` (safetensors + :class:`~cemnet.weights.meta.EncoderMeta` with ``meta``: mean, std,
+    method...). ``seed``: torch's seed first (None: leave it). Returns the path and the state dict."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from cemnet.weights.meta import EncoderMeta
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    state = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0).state_dict()
+    save_file(state, str(path), metadata=EncoderMeta(arch="test_resnet", in_chans=1, **meta).to_safetensors())
+    return path, state
 
 
 def read_grey(path: Path) -> np.ndarray:

@@ -15,6 +15,7 @@ from cemnet.benchmarks.instance import (
 )
 from cemnet.benchmarks import datasets as ds
 from cemnet.cli import main as cemnet_main
+from helpers import tiny_encoder_export
 
 
 def test_affinities_hand_case() -> None:
@@ -179,20 +180,14 @@ def test_cli_affinity_mode_2d(shared_data: Path, tmp_path: Path) -> None:
 def test_2d_mode_adapts_pretrained_first_conv(tmp_path: Path) -> None:
     """A 1-channel export loads for slice pairs with its first conv repeated and halved (timm's
     ``adapt_input_conv``), so a constant pair (z-1 == z) gives the pretrained response."""
-    import timm
     import torch
-    from safetensors.torch import save_file
 
     from cemnet.benchmarks.instance import build_instance_model
-    from cemnet.weights.meta import EncoderMeta
 
-    torch.manual_seed(0)
-    enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
-    path = tmp_path / "tiny.safetensors"
-    save_file(enc.state_dict(), str(path), metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.5, std=0.2).to_safetensors())
+    path, state = tiny_encoder_export(tmp_path / "tiny.safetensors", mean=0.5, std=0.2)
     model = build_instance_model(InstanceConfig(encoder=str(path), mode="2d", base_width=8))
-    key = next(k for k, v in enc.state_dict().items() if v.ndim == 4)  # the first conv
-    w1, w2 = enc.state_dict()[key], model.encoder.state_dict()[key]
+    key = next(k for k, v in state.items() if v.ndim == 4)  # the first conv
+    w1, w2 = state[key], model.encoder.state_dict()[key]
     assert w1.shape[1] == 1 and w2.shape[1] == 2
     torch.testing.assert_close(w2, w1.repeat(1, 2, 1, 1) / 2)
 

@@ -17,6 +17,7 @@ from PIL import Image
 from cemnet.benchmarks.datasets import load_benchmark, load_custom_2d, read_mask
 from cemnet.benchmarks.masks import IGNORE, MaskError, MaskSemantics, parse_class_map
 from cemnet.cli import main as cemnet_main
+from helpers import tiny_encoder_export
 
 
 def _isbi_subset(shared_data: Path, tmp_path: Path, n: int = 3) -> tuple[Path, list[np.ndarray]]:
@@ -122,15 +123,9 @@ def test_table_sample_std_and_frozen_marks() -> None:
 
 
 def test_random_follows_pretrained_arch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import timm
-    from safetensors.torch import save_file
-
     from cemnet.benchmarks.sweep import resolve_random_arch
-    from cemnet.weights.meta import EncoderMeta
 
-    enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
-    path = tmp_path / "tiny.safetensors"
-    save_file(enc.state_dict(), str(path), metadata=EncoderMeta(arch="test_resnet", in_chans=1).to_safetensors())
+    path, _ = tiny_encoder_export(tmp_path / "tiny.safetensors", seed=None)
     with caplog.at_level(logging.WARNING, logger="cemnet.benchmarks"):
         assert resolve_random_arch([str(path), "random"], None) == "test_resnet"
         assert not caplog.records

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 from cemnet.benchmarks.datasets import BenchmarkData, Sample, load_benchmark
 from cemnet.benchmarks.sweep import markdown_table, read_csv
 from cemnet.benchmarks.train import FinetuneConfig, build_model, finetune, predict, set_trainable
 from cemnet.cli import main as cemnet_main
-from cemnet.weights.meta import EncoderMeta
+from helpers import tiny_encoder_export
 
 TINY = FinetuneConfig(iterations=40, batch_size=4, crop_size=128, arch="test_resnet", base_width=32, eval_batch=4)
 
@@ -30,11 +28,8 @@ def isbi(shared_data: Path) -> BenchmarkData:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cemnet encoder export (test_resnet with recorded mean/std)."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
-    path = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
-    save_file(model.state_dict(), str(path), metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.5, std=0.2, method="mocov2").to_safetensors())
-    return path
+    return tiny_encoder_export(tmp_path_factory.mktemp("enc") / "tiny.safetensors", mean=0.5, std=0.2,
+                               method="mocov2")[0]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import cemnet
 from cemnet.cli import main as cemnet_main
+from helpers import tiny_encoder_export
 
 TINY = ["--arch", "test_resnet", "--batch-size", "2", "--crop-size", "64", "--base-width", "16", "--no-progress",
         "--overlays", "1", "-q"]
@@ -112,17 +113,9 @@ def test_pretrained_frozen_encoder_provenance_and_wandb(isbi5: tuple[Path, Path]
     network is rebuilt from the spec alone (strict load), and --wandb writes an offline run."""
     import hashlib
 
-    import timm
     import torch
-    from safetensors.torch import save_file
 
-    from cemnet.weights.meta import EncoderMeta
-
-    torch.manual_seed(0)
-    enc = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
-    export = tmp_path / "enc.safetensors"
-    save_file(enc.state_dict(), str(export), metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.5, std=0.2,
-                                                                  method="mocov2").to_safetensors())
+    export, state = tiny_encoder_export(tmp_path / "enc.safetensors", mean=0.5, std=0.2, method="mocov2")
     out = tmp_path / "pre"
     rc = cemnet_main(["finetune", "--images", str(isbi5[0]), "--masks", str(isbi5[1]), *MEMBRANES, *TINY,
                       "--encoder", str(export), "--freeze", "encoder", "--iterations", "2", "--wandb", "--out", str(out)])
@@ -131,7 +124,7 @@ def test_pretrained_frozen_encoder_provenance_and_wandb(isbi5: tuple[Path, Path]
     assert spec.encoder["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
     assert spec.encoder["method"] == "mocov2" and spec.encoder["frozen"] == "encoder" and spec.norm == (0.5, 0.2)
     weights = load_file(str(out / "model.safetensors"))
-    for k, v in enc.state_dict().items():  # frozen: the encoder is the export's, unchanged
+    for k, v in state.items():  # frozen: the encoder is the export's, unchanged
         if f"encoder.{k}" in weights:
             assert torch.equal(weights[f"encoder.{k}"], v), k
     assert list((out / "wandb").glob("offline-run-*"))

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import timm
 import torch
-from safetensors.torch import save_file
 
 from cemnet.benchmarks.datasets import BenchmarkData, load_benchmark
 from cemnet.benchmarks.train import FinetuneConfig, build_model, finetune
 from cemnet.cli import main as cemnet_main
 from cemnet.finetune.engine import FinetuneModule, encoder_param_groups
-from cemnet.weights.meta import EncoderMeta
+from helpers import tiny_encoder_export
 
 TINY = FinetuneConfig(iterations=4, batch_size=2, crop_size=64, arch="test_resnet", base_width=16, eval_batch=4)
 
@@ -32,12 +30,8 @@ def isbi(shared_data: Path) -> BenchmarkData:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cemnet encoder export recording a normalisation unlike any EM data's own (0.3, 0.4)."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=0)
-    path = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
-    save_file(model.state_dict(), str(path),
-              metadata=EncoderMeta(arch="test_resnet", in_chans=1, mean=0.3, std=0.4, method="mocov2").to_safetensors())
-    return path
+    return tiny_encoder_export(tmp_path_factory.mktemp("enc") / "tiny.safetensors", mean=0.3, std=0.4,
+                               method="mocov2")[0]
 
 
 def test_param_groups_scale_and_decay_encoder_lr() -> None:
