@@ -9,6 +9,7 @@ file opens) used by data loaders; :class:`TiffFolderCorpus` reads a CEM500K-styl
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import hashlib
 import json
 import os
@@ -331,6 +332,46 @@ def lock_corpus(root: Path) -> IO[str] | None:
 _SHOWABLE = "(offset >= 0 OR axis = 'xy')"
 
 
+@dataclass(frozen=True)
+class PixelSelection:
+    """Which patches the shards should hold pixels for (:func:`curation.pixels.sync_pixels`): a
+    condition over the ``patches`` table with its parameters. Callers use the named
+    constructors, so the SQL stays here, beside the schema it depends on."""
+
+    condition: str
+    params: tuple = ()
+
+    @classmethod
+    def every_patch(cls) -> "PixelSelection":
+        """``--keep-all-pixels``: every patch."""
+        return cls("1")
+
+    @classmethod
+    def kept(cls) -> "PixelSelection":
+        """Exemplars-only storage after the filter: the kept patches."""
+        return cls("status = 'kept'")
+
+    @classmethod
+    def for_filter(cls, filter_sig: str) -> "PixelSelection":
+        """Before the filter: what has pixels, plus every exemplar not already judged out by the
+        filter ``filter_sig`` (those it must judge, and those that stay kept)."""
+        return cls("offset >= 0 OR (group_id = id AND NOT (COALESCE(filter_sig = ?, 0) "
+                   "AND COALESCE(filter_reason, '') != ''))", (filter_sig,))
+
+    @classmethod
+    def kept_and(cls, ids: Iterable[int]) -> "PixelSelection":
+        """The kept patches and the patches ``ids`` (a few: one parameter each)."""
+        ids = tuple(int(i) for i in ids)
+        return cls(f"status = 'kept' OR id IN ({', '.join('?' * len(ids))})" if ids else "status = 'kept'", ids)
+
+    @classmethod
+    def settled(cls, source: str) -> "PixelSelection":
+        """For ``source`` exactly the ids in :meth:`CorpusIndex.settled_exemplars`' temporary
+        table; every other source keeps what it has."""
+        return cls("CASE WHEN source = ? THEN id IN (SELECT id FROM temp.settled_exemplars) ELSE offset >= 0 END",
+                   (source,))
+
+
 class IndexQueries:
     """Named read queries on ``index.sqlite`` (tables as in ``docs/corpus_format.md``), shared by
     the writer (:class:`CorpusIndex`) and read-only handles (:class:`ReadOnlyIndex`), so no module
@@ -651,17 +692,36 @@ class CorpusIndex(IndexQueries):
                                 zip(*values, np.asarray(ids, dtype=np.int64).tolist()))
 
     # -- which patches hold pixels (curation.pixels) -------------------------------------------
-    def pixel_changes(self, columns: Sequence[str], want: str, params: tuple = ()) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def pixel_changes(self, columns: Sequence[str],
+                      selection: PixelSelection) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Rows of the shards whose set of patches with pixels must change so that exactly the
-        patches of the SQL condition ``want`` (with ``params``) have pixels: ``columns`` of their
-        rows that have or get pixels (the others keep offset -1 and follow their unit's shard
-        name), and a bool per row: it should have pixels. SQLite finds those shards in one scan."""
+        patches of ``selection`` have pixels: ``columns`` of their rows that have or get pixels
+        (the others keep offset -1 and follow their unit's shard name), and a bool per row: it
+        should have pixels. SQLite finds those shards in one scan."""
+        want = selection.condition
         wanted = f"CASE WHEN {want} THEN 1 ELSE 0 END"
         table = self._patch_columns(
             (*columns, wanted),
             f"WHERE (offset >= 0 OR ({want})) AND shard IN (SELECT DISTINCT shard FROM patches "
-            f"WHERE ({wanted}) != (offset >= 0))", tuple(params) * 3)
+            f"WHERE ({wanted}) != (offset >= 0))", tuple(selection.params) * 3)
         return table, table.pop(wanted).astype(bool)
+
+    @contextlib.contextmanager
+    def settled_exemplars(self, ids: np.ndarray) -> Iterator[None]:
+        """The patch ids for :meth:`PixelSelection.settled`, as a temporary table while the block
+        runs (an IN list of 10^5 parameters would exceed SQLite's limit)."""
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS settled_exemplars (id INTEGER PRIMARY KEY)")
+        self.db.execute("DELETE FROM temp.settled_exemplars")
+        self.db.executemany("INSERT INTO temp.settled_exemplars VALUES (?)",
+                            ((i,) for i in np.asarray(ids, dtype=np.int64).tolist()))
+        try:
+            yield
+        finally:
+            self.db.execute("DELETE FROM temp.settled_exemplars")
+
+    def source_patch_table(self, columns: Iterable[str], source: str) -> dict[str, np.ndarray]:
+        """:meth:`patch_table` of the patches of ``source`` (id order)."""
+        return self.patch_table(columns, "WHERE source = ?", (source,))
 
     def repoint_unit(self, source: str, key: str, old_shards: Iterable[str], target: str,
                      ids: np.ndarray, offsets: np.ndarray, checksum: str) -> None:

@@ -88,7 +88,7 @@ class ExemplarStore:
         if group not in self.tracker.groups:
             self._seed(group)  # without this source's patches
         del self.deferred[source]
-        t = self.index.patch_table(PIXEL_ROW_COLUMNS, "WHERE source = ?", (source,))
+        t = self.index.source_patch_table(PIXEL_ROW_COLUMNS, source)
         if len(t["id"]):
             keys = visit_keys(self.settings.seed, t["source"], t["axis"], t["slice"], t["y"], t["x"])
             keep = self.tracker.settle(group, hash_from_db(t["hash"].astype(np.int64)), keys)

@@ -33,6 +33,7 @@ import numpy as np
 from curation.to_uint8 import Uint8Converter
 from curation.corpus import (
     CorpusIndex,
+    PixelSelection,
     ReadOnlyIndex,
     atomic_save_npy,
     hash_from_db,
@@ -195,11 +196,11 @@ _TABLE = ("id", "source", "shard", "offset", "axis", "slice", "y", "x", "h", "w"
 PIXEL_ROW_COLUMNS = _TABLE  # the patch columns store_settled_pixels needs
 
 
-def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: int = 256, progress: bool = True,
+def sync_pixels(index: CorpusIndex, selection: PixelSelection, memory_mb: int = 256, progress: bool = True,
                 recut_batch: int = 2048,
                 cut: Callable[[dict[str, Any], dict[str, np.ndarray]], np.ndarray] | None = None) -> dict[str, int]:
-    """Make the shards hold pixels exactly for the patches the SQL condition ``want`` selects
-    (over the ``patches`` table, with ``params``).
+    """Make the shards hold pixels exactly for the patches of ``selection``
+    (:class:`curation.corpus.PixelSelection`).
 
     Only shards whose set of patches with pixels changes are read and rewritten (SQLite finds
     them; the rest of the corpus costs one scan in C); pixels that are kept are copied from the
@@ -214,7 +215,7 @@ def sync_pixels(index: CorpusIndex, want: str, params: tuple = (), memory_mb: in
     stats = {"recut": 0, "dropped": 0, "shards": 0, "failed": 0}
     # Rows of the shards to rewrite that have or get pixels: the others (most of them) keep
     # offset -1 and follow their unit's shard name in one UPDATE per unit.
-    table, wanted = index.pixel_changes(columns, want, params)
+    table, wanted = index.pixel_changes(columns, selection)
     if len(table["id"]) == 0:
         return stats
     have = table["offset"].astype(np.int64) >= 0
@@ -324,16 +325,8 @@ def store_settled_pixels(index: CorpusIndex, source: str, table: dict[str, np.nd
         return patches
 
     if (table["offset"].astype(np.int64) >= 0).any():  # some units hold pixels (an earlier run's): the general way
-        # The ids travel as a temporary table (an IN list of 10^5 parameters would exceed SQLite's limit).
-        index.db.execute("CREATE TEMP TABLE IF NOT EXISTS settled_exemplars (id INTEGER PRIMARY KEY)")
-        index.db.execute("DELETE FROM temp.settled_exemplars")
-        index.db.executemany("INSERT INTO temp.settled_exemplars VALUES (?)",
-                             ((i,) for i in table["id"][exemplar].astype(np.int64).tolist()))
-        want = "CASE WHEN source = ? THEN id IN (SELECT id FROM temp.settled_exemplars) ELSE offset >= 0 END"
-        try:
-            return sync_pixels(index, want, (source,), memory_mb, progress=False, cut=cut)
-        finally:
-            index.db.execute("DELETE FROM temp.settled_exemplars")
+        with index.settled_exemplars(table["id"][exemplar]):
+            return sync_pixels(index, PixelSelection.settled(source), memory_mb, progress=False, cut=cut)
     # No unit holds pixels yet (the usual case): write each unit's exemplars as its first shard
     # file, without sync_pixels' scans of the patch table for shards to rewrite.
     source_row = index.source(source)
@@ -350,11 +343,8 @@ def store_settled_pixels(index: CorpusIndex, source: str, table: dict[str, np.nd
             break
         atomic_save_npy(index.root / shard, patches)
         key = shard[len(f"shards/{source}/") : -len(".npy")]
-        with index.write():  # the unit's rows and its checksum name the file, in one change
-            index.db.executemany("UPDATE patches SET offset=? WHERE id=?",
-                                 zip(range(len(pick)), table["id"][pick].astype(np.int64).tolist()))
-            index.db.execute("UPDATE tasks SET checksum=? WHERE source=? AND key=?",
-                             (shard_checksum(patches), source, key))
+        # the unit's rows and its checksum name the file, in one change
+        index.repoint_unit(source, key, (), shard, table["id"][pick], np.arange(len(pick)), shard_checksum(patches))
         stats["shards"] += 1
     return stats
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from curation.corpus import CorpusIndex, hash_from_db
+from curation.corpus import CorpusIndex, PixelSelection, hash_from_db
 from curation.dedup import greedy_groups
 from curation.exemplars import visit_keys
 from curation.executor import Executor
@@ -163,13 +163,9 @@ def store_needed_pixels(index: CorpusIndex, settings: CurateSettings, progress: 
     """Before the filter: pixels for every exemplar it must judge or that stays kept (re-cut
     where extraction did not store them), and with ``keep_all_pixels`` for every patch."""
     t0 = time.perf_counter()
-    if settings.keep_all_pixels:
-        want, params = "1", ()
-    else:  # has pixels, or an exemplar not already judged out by this very filter
-        want = ("offset >= 0 OR (group_id = id AND NOT (COALESCE(filter_sig = ?, 0) "
-                "AND COALESCE(filter_reason, '') != ''))")
-        params = (filter_signature(settings),)
-    counts = sync_pixels(index, want, params, settings.memory_mb, progress)
+    selection = (PixelSelection.every_patch() if settings.keep_all_pixels
+                 else PixelSelection.for_filter(filter_signature(settings)))
+    counts = sync_pixels(index, selection, settings.memory_mb, progress)
     index.record_stage("pixels", time.perf_counter() - t0, counts)
     return counts
 
@@ -180,7 +176,7 @@ def drop_unneeded_pixels(index: CorpusIndex, settings: CurateSettings, progress:
     if settings.keep_all_pixels:
         return {}
     t0 = time.perf_counter()
-    counts = sync_pixels(index, "status = 'kept'", (), settings.memory_mb, progress)
+    counts = sync_pixels(index, PixelSelection.kept(), settings.memory_mb, progress)
     index.flush()
     counts["swept"] = sweep_unreferenced_shards(index)
     seconds, info = index.stages().get("pixels", (0.0, {}))
