@@ -70,3 +70,23 @@ def test_the_checker_sees_function_local_imports(tmp_path: Path) -> None:
     tree = ast.parse("def f():\n    from cemnet.weights.load import load_encoder\n")
     local = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert local == {"cemnet.weights.load"} and outside("cemnet.weights.load", ALLOWED["cemnet.models"])
+
+
+SQL_CALLS = {"execute", "executemany", "executescript", "connect"}
+
+
+def sql_calls(source: str) -> set[str]:
+    """``x.execute(...)``-style calls (and ``sqlite3.connect``) in Python source."""
+    return {f"{n.func.attr}@{n.lineno}" for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in SQL_CALLS
+            and not (n.func.attr == "connect" and getattr(n.func.value, "id", "") != "sqlite3")}
+
+
+def test_only_the_corpus_module_writes_sql() -> None:
+    """The corpus's SQLite schema is known to curation/corpus.py only (docs/architecture.md)."""
+    found = {f"{path.relative_to(REPO)}: {call}"
+             for package in ("cemnet", "curation") for path in sorted((REPO / package).rglob("*.py"))
+             if path != REPO / "curation" / "corpus.py"
+             for call in sql_calls(path.read_text())}
+    assert not found, "SQL outside curation/corpus.py:\n" + "\n".join(sorted(found))
+    assert sql_calls("import sqlite3\ndb = sqlite3.connect('x')\ndb.execute('SELECT 1')\n")  # it can fail
