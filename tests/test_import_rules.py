@@ -50,7 +50,7 @@ def test_package_imports_only_what_the_architecture_allows(package: str) -> None
     assert not bad, "imports against docs/architecture.md:\n" + "\n".join(sorted(bad))
 
 
-# spelled in two pieces so that scripts/dev/split_transfer.py, which rewrites that name, leaves it
+# spelled in two pieces so that a search of the tree for the old name finds only real leftovers
 OLD_PACKAGE = "cemnet" + ".transfer"
 
 
