@@ -71,3 +71,12 @@ def small_corpus(tmp_path_factory, shared_data) -> Path:
     ]
     out = tmp_path_factory.mktemp("corpus") / "small_corpus"
     return curate(sources, out, CurateSettings(), workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def corpus(small_corpus: Path):
+    """:func:`small_corpus`, opened for training (``curation.corpus.open_corpus``); a test file
+    may define its own ``corpus`` (e.g. arrays in memory)."""
+    from curation.corpus import open_corpus
+
+    return open_corpus(small_corpus)

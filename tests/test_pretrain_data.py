@@ -21,13 +21,6 @@ from cemnet.data.sampling import EpochSampler, source_probabilities
 
 
 @pytest.fixture(scope="module")
-def corpus(small_corpus):
-    from curation.corpus import open_corpus
-
-    return open_corpus(small_corpus)
-
-
-@pytest.fixture(scope="module")
 def patches(corpus):
     """First 64 real patches, padded, with true sizes (some truncated)."""
     sizes_all = np.asarray(corpus.sizes)

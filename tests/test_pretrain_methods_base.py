@@ -52,13 +52,6 @@ class TinySimCLR(PretrainMethod):
         return self.lr_schedule(opt, "cosine", warmup_epochs=0.5)
 
 
-@pytest.fixture(scope="module")
-def corpus(small_corpus):
-    from curation.corpus import open_corpus
-
-    return open_corpus(small_corpus)
-
-
 def test_a_new_method_is_a_subclass_and_gets_stats_checkpoint_schedule_and_ema(corpus, tmp_path: Path) -> None:
     pl.seed_everything(0)
     dm = EMPatchDataModule(corpus, batch_size=8, num_workers=0, augment=AugmentConfig(crop_size=32))

@@ -36,13 +36,6 @@ CONTRACT = {"arch", "in_chans", "mean", "std", "method", "corpus_fingerprint", "
             "spatial_dims", "arch_kwargs"}
 
 
-@pytest.fixture(scope="module")
-def corpus(small_corpus):
-    from curation.corpus import open_corpus
-
-    return open_corpus(small_corpus)
-
-
 def _dm(corpus, crop=32, batch_size=16, **kw) -> EMPatchDataModule:
     kw.setdefault("num_workers", 0)
     return EMPatchDataModule(corpus, batch_size=batch_size, augment=AugmentConfig(crop_size=crop), **kw)
