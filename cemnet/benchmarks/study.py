@@ -24,7 +24,6 @@ overlap check runs against every target, and a pretraining whose sources overlap
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ import yaml
 from cemnet.benchmarks.datasets import BenchmarkData, Sample
 from cemnet.benchmarks.sweep import mean_std, read_csv, write_csv
 from cemnet.benchmarks.train import FinetuneConfig, finetune
+from cemnet.weights.download import sha256_file
 
 __all__ = ["StudyConfig", "StudyTarget", "select_sources", "labelled_slices", "run_study", "summarise",
            "iterations_to_reach", "report_existing", "DEFAULT_MANIFEST", "DEFAULT_RECIPE", "StudyError"]
@@ -102,14 +102,6 @@ class StudyConfig:
 # --------------------------------------------------------------------------- sources
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -127,7 +119,7 @@ def _overlap(source: Path, target: Path, target_digests: dict[int, dict[str, Pat
         size = f.stat().st_size
         same = target_digests.get(size)
         if same:
-            digest = _file_digest(f)
+            digest = sha256_file(f)
             if digest in same:
                 return f"{f} has the same bytes as the target file {same[digest]}"
     return None
@@ -138,7 +130,7 @@ def target_digests(targets: Sequence[Path]) -> dict[int, dict[str, Path]]:
     digests: dict[int, dict[str, Path]] = {}
     for t in targets:
         for f in _files_under(Path(t)):
-            digests.setdefault(f.stat().st_size, {})[_file_digest(f)] = f
+            digests.setdefault(f.stat().st_size, {})[sha256_file(f)] = f
     return digests
 
 

@@ -16,7 +16,6 @@ Run folder layout (``RUN``):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from torch import nn
 
 from cemnet.benchmarks.datasets import BenchmarkData
 from cemnet.finetune.model_file import ModelSpec, save_model
+from cemnet.weights.download import sha256_file
 
 __all__ = ["FinetuneSettings", "RunError", "run_finetune", "validation_scores"]
 
@@ -82,24 +82,13 @@ class FinetuneSettings:
         return sorted({*range(every, self.iterations, every), self.iterations})
 
 
-def _sha256(path: str) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _encoder_record(settings: FinetuneSettings, encoder: nn.Module, random_arch: str) -> tuple[dict[str, Any], str, dict]:
     """(provenance, architecture name, architecture kwargs) of the network's encoder."""
     meta = getattr(encoder, "cemnet_meta", None)
     if settings.encoder.startswith("random") or meta is None:
         arch = settings.encoder.partition(":")[2] or random_arch
         return {"source": "random", "arch": arch, "sha256": None, "method": None, "frozen": settings.freeze}, arch, {}
-    sha = _sha256(settings.encoder)
+    sha = sha256_file(settings.encoder) if Path(settings.encoder).is_file() else None
     if sha is None:  # a registry name: the pinned checksum of the downloaded file
         try:
             from cemnet.weights.registry import get_entry

@@ -9,12 +9,12 @@ Fields a file does not record are written as "not recorded" rather than left out
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cemnet.weights.download import sha256_file
 from cemnet.weights.meta import EncoderMeta
 
 __all__ = ["write_model_card", "write_encoder_card", "method_citations", "card_path"]
@@ -58,14 +58,6 @@ def method_citations(*methods: str | None, extra: Iterable[str | None] = ()) -> 
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _value(v: Any) -> str:
     if v is None or v == "" or v == {} or v == []:
         return NOT_RECORDED
@@ -104,7 +96,7 @@ def write_model_card(model_path: str | os.PathLike, out: str | os.PathLike | Non
              f"{spec.arch.get('encoder', '?')}), saved by cemnet. Load it with `cemnet.load_model(path)`; "
              "apply it with `cemnet segment`.", "", "## Model", ""]
     lines += _table([
-        ("file sha256", _sha256(model_path)),
+        ("file sha256", sha256_file(model_path)),
         ("task / dims", f"{spec.task} / {spec.dims}"),
         ("classes (name=label value)", classes),
         ("output", spec.output),
@@ -159,7 +151,7 @@ def write_encoder_card(encoder_path: str | os.PathLike, out: str | os.PathLike |
              f"A pretrained {meta.spatial_dims}D {meta.arch} encoder exported by `cemnet export`. Load it with "
              "`cemnet.load_encoder(path)`; fine-tune it with `cemnet finetune --encoder PATH`.", "", "## Encoder", ""]
     lines += _table([
-        ("file sha256", _sha256(encoder_path)), ("architecture", meta.arch), ("architecture options", meta.arch_kwargs),
+        ("file sha256", sha256_file(encoder_path)), ("architecture", meta.arch), ("architecture options", meta.arch_kwargs),
         ("input channels", meta.in_chans), ("tensors", n_tensors), ("pretraining method", meta.method),
         ("source format", meta.source_format),
         ("corpus fingerprint", meta.corpus_fingerprint), ("corpus size", extra.get("corpus_size")),

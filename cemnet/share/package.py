@@ -17,13 +17,14 @@ Pretrained encoders alone are not packaged: see ``docs/segment.md`` (why not).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cemnet.weights.download import sha256_file
 
 __all__ = ["package_model", "build_unet", "PackageError"]
 
@@ -62,10 +63,6 @@ def _sample_tile(sample: str, spec: Any, key: str | None) -> np.ndarray:
             return conv(vol.read(slice(z0, z0 + tz), slice(y0, y0 + ty), slice(x0, x0 + tx)))
     except ReaderError as err:
         raise PackageError(str(err)) from None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _cover(tile: np.ndarray, output: np.ndarray, path: Path) -> None:
@@ -188,22 +185,22 @@ def package_model(model_path: str | os.PathLike, out: str | os.PathLike, sample:
         "covers": [{"source": "cover.png"}],
         "tags": ["electron-microscopy", "vem", "segmentation", spec.dims, spec.task, "cemnet"],
         "inputs": [{"id": "raw", "axes": input_axes,
-                    "test_tensor": {"source": "test_input.npy", "sha256": _sha256(tmp / "test_input.npy")},
-                    "sample_tensor": {"source": "sample_input.tif", "sha256": _sha256(tmp / "sample_input.tif")},
+                    "test_tensor": {"source": "test_input.npy", "sha256": sha256_file(tmp / "test_input.npy")},
+                    "sample_tensor": {"source": "sample_input.tif", "sha256": sha256_file(tmp / "sample_input.tif")},
                     "data": {"type": "float32", "range": [0.0, 255.0]},
                     "preprocessing": [{"id": "scale_linear", "kwargs": {"gain": 1.0 / (255.0 * std), "offset": -mean / std}}]}],
         "outputs": [{"id": "probabilities", "axes": output_axes,
-                     "test_tensor": {"source": "test_output.npy", "sha256": _sha256(tmp / "test_output.npy")},
-                     "sample_tensor": {"source": "sample_output.tif", "sha256": _sha256(tmp / "sample_output.tif")},
+                     "test_tensor": {"source": "test_output.npy", "sha256": sha256_file(tmp / "test_output.npy")},
+                     "sample_tensor": {"source": "sample_output.tif", "sha256": sha256_file(tmp / "sample_output.tif")},
                      "data": {"type": "float32", "range": [0.0, 1.0]},
                      "postprocessing": postprocessing}],
         "weights": {
             "pytorch_state_dict": {
-                "source": "weights.pt", "sha256": _sha256(tmp / "weights.pt"),
+                "source": "weights.pt", "sha256": sha256_file(tmp / "weights.pt"),
                 "architecture": {"callable": "build_unet", "import_from": "cemnet.share.package",
                                  "kwargs": {"arch": spec.arch}},
                 "pytorch_version": torch_version},
-            "torchscript": {"source": "weights_torchscript.pt", "sha256": _sha256(tmp / "weights_torchscript.pt"),
+            "torchscript": {"source": "weights_torchscript.pt", "sha256": sha256_file(tmp / "weights_torchscript.pt"),
                             "pytorch_version": torch_version, "parent": "pytorch_state_dict"},
         },
         "config": {"cemnet": {"model_file": model_path.name, "dims": spec.dims, "task": spec.task,
