@@ -359,12 +359,6 @@ class PixelSelection:
                    "AND COALESCE(filter_reason, '') != ''))", (filter_sig,))
 
     @classmethod
-    def kept_and(cls, ids: Iterable[int]) -> "PixelSelection":
-        """The kept patches and the patches ``ids`` (a few: one parameter each)."""
-        ids = tuple(int(i) for i in ids)
-        return cls(f"status = 'kept' OR id IN ({', '.join('?' * len(ids))})" if ids else "status = 'kept'", ids)
-
-    @classmethod
     def settled(cls, source: str) -> "PixelSelection":
         """For ``source`` exactly the ids in :meth:`CorpusIndex.settled_exemplars`' temporary
         table; every other source keeps what it has."""
